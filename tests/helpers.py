@@ -121,7 +121,7 @@ class RuntimeProcess:
                 self.proc.wait()
 
     def __enter__(self) -> RuntimeProcess:
-        return self.start()
+        return self if self.proc is not None else self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-delay", type=_positive_float, default=0.002, help="seconds a request may wait for a batch to fill")
     a("--max-queue", type=int, default=1024, help="queued requests beyond which requests get 503")
     a("--request-timeout", type=_positive_float, default=30.0, help="seconds from arrival to answer, then 504")
+    a("--inline-below-ms", type=_positive_float, default=1.0,
+      help="without batching, models faster than this per row run on the event loop (0: never)")
     a("--max-body-bytes", type=int, default=64 * 1024 * 1024, help="request body limit, after decompression")
     a("--log-sample-rate", type=_positive_float, default=1.0, help="share of requests logged (one JSON line)")
     a("--payload-log-sample-rate", type=_positive_float, default=0.0, help="share of logged requests with payloads")
@@ -151,7 +153,7 @@ def build(args: argparse.Namespace) -> tuple[App, Batcher]:
     except ValueError as e:
         raise ModelLoadError(str(e)) from e
     batcher = Batcher(model, monitor, BatchingConfig(args.max_batch_size, args.max_delay, args.max_queue,
-                                                     args.request_timeout), registry)
+                                                     args.request_timeout, args.inline_below_ms / 1000), registry)
     app = App(DataPlane(model, monitor, batcher), registry, max_body=args.max_body_bytes,
               log_sample_rate=args.log_sample_rate, payload_log_sample_rate=args.payload_log_sample_rate)
     return app, batcher

@@ -6,6 +6,7 @@ problem is a BadRequest naming the tensor.
 
 from __future__ import annotations
 
+import itertools
 import struct
 import uuid
 from dataclasses import dataclass
@@ -18,6 +19,9 @@ from .errors import BadRequest
 from .signature import OIP_TO_NUMPY, TensorSpec, oip_datatype
 
 JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY
+# Generated request ids: unique per process start (a random prefix) and cheap (a counter).
+_ID_PREFIX = uuid.uuid4().hex[:12]
+_ID_COUNTER = itertools.count(1)
 
 
 @dataclass(slots=True)
@@ -87,7 +91,7 @@ def decode_request(
 
     req_id = doc.get("id")
     if req_id is None:
-        req_id = uuid.uuid4().hex
+        req_id = f"{_ID_PREFIX}-{next(_ID_COUNTER)}"
     elif not isinstance(req_id, str):
         raise BadRequest("'id' must be a string")
     params = doc.get("parameters") or {}

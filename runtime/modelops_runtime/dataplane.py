@@ -33,6 +33,10 @@ class BatchingConfig:
     max_delay: float = 0.002  # seconds the oldest request may wait for a batch to fill
     max_queue: int = 1024  # requests waiting; beyond it requests get 503 + Retry-After
     timeout: float = 30.0  # seconds from arrival to answer; then 504
+    # Models whose single-row run takes less than this run on the event loop itself when batching is
+    # off: a thread hand-off costs more than such a model's inference, and health checks wait at most
+    # this long. Slower models always run on the inference thread.
+    inline_below: float = 0.001
 
 
 class _Pending:
@@ -79,6 +83,7 @@ class Batcher:
         self._queue_depth = registry.gauge(
             "modelops_queue_depth", "Requests waiting for the inference thread.", ("model", "version")).labels(*lbl)
         self._sweeper: asyncio.Task[None] | None = None
+        self.inline = False
 
     @property
     def batching(self) -> bool:
@@ -86,6 +91,16 @@ class Batcher:
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
+        if not self.batching and self.model.loaded and self.cfg.inline_below > 0:
+            feeds = self.model.example_inputs()
+            runs = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                self.model.run(feeds)
+                runs.append(time.perf_counter() - t0)
+            self.inline = max(runs) < self.cfg.inline_below
+            log.info("Measured model %s at %.3f ms per row; inference runs %s", self.model.name, max(runs) * 1000,
+                     "on the event loop" if self.inline else "on its own thread")
         self._thread.start()
         self._sweeper = loop.create_task(self._sweep())
 
@@ -140,7 +155,10 @@ class Batcher:
         self.busy = True
         for p in batch:
             p.started = now
-        self._jobs.put(batch)
+        if self.inline:
+            self._complete(batch, *self._execute(batch))
+        else:
+            self._jobs.put(batch)
 
     def _take_batch(self) -> list[_Pending]:
         first = self.pending.popleft()
@@ -211,31 +229,35 @@ class Batcher:
         self._dispatch()
 
     # -- inference thread ------------------------------------------------------------------------
+    def _execute(self, batch: list[_Pending]) -> tuple[list[np.ndarray] | BaseException, np.ndarray | None, float]:
+        pred: np.ndarray | None = None
+        t0 = time.perf_counter()
+        try:
+            if len(batch) == 1:
+                feeds = batch[0].req.inputs
+            else:
+                names = list(batch[0].req.inputs)
+                feeds = {n: np.concatenate([p.req.inputs[n] for p in batch]) for n in names}
+            outputs: list[np.ndarray] | BaseException = self.model.run(feeds)
+            elapsed = time.perf_counter() - t0
+            assert isinstance(outputs, list)
+            self.monitor.observe_inputs(feeds)
+            pred = self.monitor.predictions(outputs)
+        except Exception as e:  # reported to each waiting request, never kills the thread or the loop
+            log.exception("Failed inference of model %s", self.model.name)
+            outputs = e
+            elapsed = time.perf_counter() - t0
+        return outputs, pred, elapsed
+
     def _work(self) -> None:
         jobs = self._jobs
         while True:
             batch = jobs.get()
             if batch is None:
                 return
-            pred: np.ndarray | None = None
-            t0 = time.perf_counter()
-            try:
-                if len(batch) == 1:
-                    feeds = batch[0].req.inputs
-                else:
-                    names = list(batch[0].req.inputs)
-                    feeds = {n: np.concatenate([p.req.inputs[n] for p in batch]) for n in names}
-                outputs: list[np.ndarray] | BaseException = self.model.run(feeds)
-                elapsed = time.perf_counter() - t0
-                assert isinstance(outputs, list)
-                self.monitor.observe_inputs(feeds)
-                pred = self.monitor.predictions(outputs)
-            except Exception as e:  # reported to each waiting request, never kills the thread
-                log.exception("Failed inference of model %s", self.model.name)
-                outputs = e
-                elapsed = time.perf_counter() - t0
+            result = self._execute(batch)
             assert self._loop is not None
-            self._loop.call_soon_threadsafe(self._complete, batch, outputs, pred, elapsed)
+            self._loop.call_soon_threadsafe(self._complete, batch, *result)
 
 
 class DataPlane:

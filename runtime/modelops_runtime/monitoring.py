@@ -6,6 +6,7 @@ loop pays nothing for it. Label values are bounded: classes beyond `max_classes`
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -119,7 +120,9 @@ class Monitor:
             rows_c.value += arr.shape[0] if arr.ndim else 1
             if arr.dtype.kind != "f":
                 continue
-            if not np.isfinite(arr).all():
+            # One reduction on the common path: NaN and Inf propagate into the sum (a float32 overflow
+            # only sends us down the exact path, which then counts zero).
+            if not math.isfinite(float(arr.sum())):
                 nan_c.value += int(np.isnan(arr).sum())
                 inf_c.value += int(np.isinf(arr).sum())
             profile = self._profile.get(name)

@@ -185,7 +185,7 @@ class App:
         self.max_body = max_body
         self.log_sample_rate = log_sample_rate
         self.payload_log_sample_rate = payload_log_sample_rate
-        self.log_stream = log_stream or sys.stdout
+        self.log_stream = log_stream or sys.stdout.buffer
         self.connections: set[HttpProtocol] = set()
         m = self.model
         lbl = (m.name, m.version)
@@ -400,4 +400,4 @@ class App:
                 line["request"] = req.body[:4096].decode("utf-8", "replace")
                 if response is not None:
                     line["response"] = response[:4096].decode("utf-8", "replace")
-            self.log_stream.write(orjson.dumps(line).decode() + "\n")
+            self.log_stream.write(orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE))
