@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import orjson
-
 from modelops_runtime import toymodels
 
 TICK = os.sysconf("SC_CLK_TCK")

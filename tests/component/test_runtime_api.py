@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-
 from modelops_runtime import toymodels
+
 from tests.helpers import Http, RuntimeProcess, infer_body, metric
 
 
@@ -207,7 +207,7 @@ def test_feedback_updates_accuracy_of_the_answering_version(mlp: RuntimeProcess)
     x = np.random.default_rng(5).standard_normal((1, 256)).astype(np.float32)
     _, out = c.json("POST", "/v2/models/mlp/infer", {"id": "fb-1", **infer_body("x", x.tolist())})
     predicted = int(np.argmax(out["outputs"][0]["data"]))
-    _, out2 = c.json("POST", "/v2/models/mlp/infer", {"id": "fb-2", **infer_body("x", x.tolist())})
+    c.json("POST", "/v2/models/mlp/infer", {"id": "fb-2", **infer_body("x", x.tolist())})
     before = c.request("GET", "/metrics")[2].decode()
     assert c.json("POST", "/v2/models/mlp/feedback", {"id": "fb-1", "label": predicted}) == (
         200, {"id": "fb-1", "rows": 1, "correct": 1})

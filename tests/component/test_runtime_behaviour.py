@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from modelops_runtime import toymodels
+
 from tests.helpers import RUNTIME, Http, RuntimeProcess, file_server, free_port, infer_body, metric, wait_until
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from modelops_runtime import toymodels
+
 from tests.helpers import Http, RuntimeProcess
 
 
