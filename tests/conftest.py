@@ -72,3 +72,85 @@ def model_server(model_dir: Path) -> Iterator[int]:
     """An HTTP server on the host serving model_dir; pods reach it at http://<host ip>:<port>/."""
     with file_server(model_dir) as port:
         yield port
+
+
+@pytest.fixture(scope="session")
+def crd(cluster: dict[str, Any]) -> None:
+    """The canonical CRD applied with kubectl, as a user would."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    res = subprocess.run(["kubectl", "--kubeconfig", cluster["kubeconfig"], "apply", "-f", str(root / "crds")],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    res = subprocess.run(["kubectl", "--kubeconfig", cluster["kubeconfig"], "wait", "--for=condition=established",
+                          "crd/modeldeployments.modelops.dev", "--timeout=30s"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+
+
+class OperatorProcess:
+    """`modelops-operator` as a real process with its own kubeconfig; stopped by PID."""
+
+    def __init__(self, kubeconfig: str, log_path: Path, resync: float = 2.0) -> None:
+        from tests.helpers import free_port
+
+        self.kubeconfig = kubeconfig
+        self.log_path = log_path
+        self.resync = resync
+        self.metrics_port = free_port()
+        self.proc: Any = None
+
+    def start(self) -> OperatorProcess:
+        import os
+        import subprocess
+        import sys
+
+        exe = str(Path(sys.executable).parent / "modelops-operator")
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen([exe, "--metrics-port", str(self.metrics_port), "--resync-seconds",
+                                          str(self.resync)], stdout=out, stderr=subprocess.STDOUT,
+                                         env={**os.environ, "KUBECONFIG": self.kubeconfig})
+        from tests.helpers import wait_until
+
+        wait_until("the operator's health endpoint", self.healthy, timeout=60)
+        return self
+
+    def healthy(self) -> bool:
+        import urllib.request
+
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"operator exited: {self.log_path.read_text()[-2000:]}")
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/healthz", timeout=2).status == 200
+        except OSError:
+            return False
+
+    def metric(self, name: str) -> float:
+        import urllib.request
+
+        from tests.helpers import metric
+
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
+        return metric(text, name)
+
+    def stop(self, kill: bool = False) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            if kill:
+                self.proc.kill()
+            else:
+                self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def operator(cluster: dict[str, Any], crd: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
+    op = OperatorProcess(cluster["kubeconfig"], tmp_path_factory.mktemp("operator") / "operator.log").start()
+    try:
+        yield op
+    finally:
+        op.stop()

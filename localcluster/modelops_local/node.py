@@ -254,6 +254,8 @@ class PodRunner(threading.Thread):
         bindir = str(Path(sys.executable).parent)
         env = {"PATH": f"{bindir}:/usr/local/bin:/usr/bin:/bin", "HOME": str(self.dir), "LANG": "C.UTF-8",
                "HOSTNAME": self.pod_name, "PYTHONUNBUFFERED": "1"}
+        for src in c.spec.get("envFrom") or []:
+            env.update(self._env_from(src))
         for e in c.spec.get("env") or []:
             if "value" in e:
                 env[e["name"]] = str(e["value"])
@@ -262,6 +264,19 @@ class PodRunner(threading.Thread):
                 if val is not None:
                     env[e["name"]] = val
         return env
+
+    def _env_from(self, src: dict[str, Any]) -> dict[str, str]:
+        prefix = src.get("prefix", "")
+        try:
+            if "secretRef" in src:
+                sec = self.node.kube.core.read_namespaced_secret(src["secretRef"]["name"], self.ns)
+                return {prefix + k: base64.b64decode(v).decode() for k, v in (sec.data or {}).items()}
+            if "configMapRef" in src:
+                cm = self.node.kube.core.read_namespaced_config_map(src["configMapRef"]["name"], self.ns)
+                return {prefix + k: v for k, v in (cm.data or {}).items()}
+        except ApiException as e:
+            log.warning("Could not read envFrom source of pod %s/%s: %s", self.ns, self.pod_name, e.reason)
+        return {}
 
     def _value_from(self, vf: dict[str, Any]) -> str | None:
         if "fieldRef" in vf:

@@ -1,0 +1,10 @@
+"""modelops operator: turns ModelDeployments into inference pods and rolls model versions out safely."""
+
+GROUP = "modelops.dev"
+VERSION = "v1alpha1"
+PLURAL = "modeldeployments"
+KIND = "ModelDeployment"
+LABEL_MD = "modelops.dev/model-deployment"
+LABEL_REVISION = "modelops.dev/revision"
+ANNOTATION_HASH = "modelops.dev/applied-hash"
+__version__ = "0.1.0"

@@ -1,0 +1,137 @@
+"""A work queue of ModelDeployment keys and the reconcile pass: observe (cache) -> decide -> act -> status.
+
+Every watch event of a ModelDeployment or of one of its children enqueues the ModelDeployment; a
+resync enqueues all of them periodically. A key is reconciled by one worker at a time, and a key
+enqueued while it is being reconciled runs once more afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from kubernetes.client.rest import ApiException
+
+from . import LABEL_REVISION
+from .decisions import Apis, Observed, decide
+from .kube import Cache, Key, Kube, execution_provider, now, to_thread
+from .metrics import OperatorMetrics
+from .spec import with_defaults
+
+log = logging.getLogger("modelops.operator")
+
+
+class Controller:
+    def __init__(self, kube: Kube, cache: Cache, apis: Apis, metrics: OperatorMetrics, workers: int = 4,
+                 resync: float = 10.0) -> None:
+        self.kube = kube
+        self.cache = cache
+        self.apis = apis
+        self.metrics = metrics
+        self.workers = workers
+        self.resync = resync
+        self.queue: asyncio.Queue[Key] = asyncio.Queue()
+        self.queued: set[Key] = set()
+        self.active: set[Key] = set()
+        self.again: set[Key] = set()
+        self.providers: dict[tuple[str, str, str], str] = {}
+        self.heartbeat = time.monotonic()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def enqueue(self, key: Key | None) -> None:
+        if key is None:
+            return
+        if key in self.active:
+            self.again.add(key)
+        elif key not in self.queued:
+            self.queued.add(key)
+            self.queue.put_nowait(key)
+
+    async def run(self, initial_delay: float = 2.0) -> None:
+        # Let the watches deliver their initial listings before the first decisions.
+        await asyncio.sleep(initial_delay)
+        self._tasks = [asyncio.create_task(self._worker(i)) for i in range(self.workers)]
+        while True:
+            self.heartbeat = time.monotonic()
+            for key in list(self.cache.mds):
+                self.enqueue(key)
+            self.metrics.managed.set(len(self.cache.mds))
+            await asyncio.sleep(self.resync)
+
+    async def _worker(self, _: int) -> None:
+        while True:
+            key = await self.queue.get()
+            self.queued.discard(key)
+            self.active.add(key)
+            t0 = time.perf_counter()
+            result = "ok"
+            try:
+                await self.reconcile(key)
+            except ApiException as e:
+                result = "error"
+                log.warning("Failed reconcile of ModelDeployment %s/%s: %s %s", *key, e.status, e.reason)
+            except Exception:
+                result = "error"
+                log.exception("Failed reconcile of ModelDeployment %s/%s", *key)
+            finally:
+                self.active.discard(key)
+                self.metrics.observe(result, time.perf_counter() - t0)
+                if key in self.again or result == "error":
+                    self.again.discard(key)
+                    if result == "error":
+                        asyncio.get_running_loop().call_later(2.0, self.enqueue, key)
+                    else:
+                        self.enqueue(key)
+
+    def observe(self, key: Key, md: dict[str, Any]) -> Observed:
+        c = self.cache
+        by_name = {d["metadata"]["name"]: d for d in c.of("Deployment", key)}
+        cms = {d["metadata"]["name"]: d for d in c.of("ConfigMap", key)}
+        svc = next((s for s in c.of("Service", key) if s["metadata"]["name"] == key[1]), None)
+        hpa = next(iter(c.of("HorizontalPodAutoscaler", key)), None)
+        pdb = next(iter(c.of("PodDisruptionBudget", key)), None)
+        status = md.get("status") or {}
+        providers = {rev: p for (ns, name, rev), p in self.providers.items() if (ns, name) == key}
+        stable = (status.get("stable") or {}).get("revision")
+        if stable and status.get("executionProvider"):
+            providers.setdefault(stable, status["executionProvider"])
+        return Observed(deployments=by_name, configmaps=cms, service=svc, hpa=hpa, pdb=pdb,
+                        pods=c.of("Pod", key), execution_providers=providers)
+
+    async def _learn_provider(self, key: Key, md: dict[str, Any], observed: Observed, revision: str) -> None:
+        if revision in observed.execution_providers:
+            return
+        spec = with_defaults(md.get("spec") or {})
+        for pod in observed.pods:
+            labels = pod["metadata"].get("labels") or {}
+            ready = any(cd.get("type") == "Ready" and cd.get("status") == "True"
+                        for cd in (pod.get("status") or {}).get("conditions") or [])
+            if labels.get(LABEL_REVISION) == revision and ready:
+                provider = await to_thread(execution_provider, pod, spec["model"]["name"], spec["runtime"]["port"])
+                if provider:
+                    self.providers[(*key, revision)] = provider
+                    observed.execution_providers[revision] = provider
+                return
+
+    async def reconcile(self, key: Key) -> None:
+        md = self.cache.mds.get(key)
+        if md is None or md["metadata"].get("deletionTimestamp"):
+            return  # garbage collection removes the children with their owner
+        observed = self.observe(key, md)
+        stable = ((md.get("status") or {}).get("stable") or {}).get("revision")
+        if stable:
+            await self._learn_provider(key, md, observed, stable)
+        status, actions = decide(md, observed, now(), self.apis)
+        for action in actions:
+            await to_thread(self.kube.perform, md, action)
+        old = md.get("status") or {}
+        if status != old:
+            patch = dict(status)
+            for k in old:
+                if k not in status:
+                    patch[k] = None  # merge patch: null removes
+            updated = await to_thread(self.kube.write_status, md, patch)
+            if updated:
+                self.cache.mds[key] = updated

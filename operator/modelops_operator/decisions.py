@@ -1,0 +1,251 @@
+"""The reconcile decision: (ModelDeployment, observed children, now) -> (new status, actions).
+
+Pure and table-testable. The io layer observes, calls `decide`, performs the actions and writes the
+status once. Nothing here depends on which event triggered the pass.
+
+Phases (status.phase):
+- Pending: the first revision has no ready pod yet.
+- Ready: the stable revision serves with every desired replica ready and nothing is rolling out.
+- Progressing: a new revision is being brought up (or the stable one is scaling).
+- Degraded: a revision cannot become ready (integrity, fetch, load, image or scheduling failure);
+  any older revision that was serving keeps serving.
+- InvalidSpec: the spec fails validation; nothing was changed, the last good revision keeps serving.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import ANNOTATION_HASH, LABEL_REVISION
+from . import builders as b
+from .conditions import get_condition, set_condition
+from .spec import validate, with_defaults
+
+FETCH_EXIT_REASONS = {3: "ModelIntegrityFailed", 4: "ModelFetchFailed"}
+
+
+@dataclass
+class Observed:
+    deployments: dict[str, dict[str, Any]] = field(default_factory=dict)
+    configmaps: dict[str, dict[str, Any]] = field(default_factory=dict)
+    service: dict[str, Any] | None = None
+    hpa: dict[str, Any] | None = None
+    pdb: dict[str, Any] | None = None
+    pods: list[dict[str, Any]] = field(default_factory=list)
+    execution_providers: dict[str, str] = field(default_factory=dict)  # revision -> provider in use
+
+
+@dataclass(frozen=True)
+class Apis:
+    hpa: str = "autoscaling/v2"
+    pdb: str = "policy/v1"
+
+
+@dataclass
+class Apply:
+    manifest: dict[str, Any]
+    existing: dict[str, Any] | None  # None: create
+
+
+@dataclass
+class Scale:
+    name: str
+    replicas: int
+
+
+@dataclass
+class Delete:
+    api_version: str
+    kind: str
+    name: str
+
+
+@dataclass
+class Event:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+Action = Apply | Scale | Delete | Event
+
+
+def _ready(dep: dict[str, Any] | None) -> int:
+    return int(((dep or {}).get("status") or {}).get("readyReplicas") or 0)
+
+
+def _applied_hash(obj: dict[str, Any] | None) -> str | None:
+    return ((obj or {}).get("metadata", {}).get("annotations") or {}).get(ANNOTATION_HASH)
+
+
+def _need(desired: dict[str, Any], existing: dict[str, Any] | None, actions: list[Action]) -> None:
+    """Applies `desired` unless the child already carries its hash (and, for Deployments, its replicas)."""
+    if existing is None or _applied_hash(existing) != _applied_hash(desired):
+        actions.append(Apply(desired, existing))
+    elif "replicas" in desired.get("spec", {}) and existing.get("spec", {}).get("replicas") != desired["spec"]["replicas"]:
+        actions.append(Scale(desired["metadata"]["name"], desired["spec"]["replicas"]))
+
+
+def revision_failure(pods: list[dict[str, Any]], revision: str) -> tuple[str, str] | None:
+    """Why the pods of a revision cannot become ready, read from their status; None when nothing is wrong."""
+    for pod in pods:
+        if (pod.get("metadata", {}).get("labels") or {}).get(LABEL_REVISION) != revision:
+            continue
+        st = pod.get("status") or {}
+        for c in st.get("conditions") or []:
+            if c.get("type") == "PodScheduled" and c.get("status") == "False" and c.get("reason") == "Unschedulable":
+                return "Unschedulable", c.get("message", "no node fits the pod")
+        for cs in st.get("initContainerStatuses") or []:
+            for state in (cs.get("state") or {}, cs.get("lastState") or {}):
+                term = state.get("terminated")
+                if cs.get("name") == "fetch-model" and term and term.get("exitCode") in FETCH_EXIT_REASONS:
+                    reason = FETCH_EXIT_REASONS[term["exitCode"]]
+                    what = ("the model file's sha256 does not match spec.model.sha256" if term["exitCode"] == 3
+                            else "the model file could not be downloaded from spec.model.uri")
+                    return reason, f"pod {pod['metadata']['name']}: {what}"
+        for cs in (st.get("initContainerStatuses") or []) + (st.get("containerStatuses") or []):
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in ("ErrImagePull", "ImagePullBackOff", "InvalidImageName"):
+                return "ImagePullFailed", f"pod {pod['metadata']['name']}: {waiting.get('message') or waiting['reason']}"
+            if waiting.get("reason") == "CreateContainerConfigError":
+                return "ConfigError", f"pod {pod['metadata']['name']}: {waiting.get('message', '')}"
+        for cs in st.get("containerStatuses") or []:
+            term = (cs.get("lastState") or {}).get("terminated") or (cs.get("state") or {}).get("terminated")
+            if cs.get("name") == "runtime" and term and term.get("exitCode") == 2:
+                return "ModelLoadFailed", (f"pod {pod['metadata']['name']}: the runtime refused the model "
+                                           "(see the runtime container's log)")
+    return None
+
+
+def decide(md: dict[str, Any], observed: Observed, now: str, apis: Apis = Apis()) -> tuple[dict[str, Any], list[Action]]:
+    meta = md["metadata"]
+    old_status: dict[str, Any] = md.get("status") or {}
+    status = copy.deepcopy(old_status)
+    status["observedGeneration"] = meta.get("generation", 1)
+    conds: list[dict[str, Any]] = list(status.get("conditions") or [])
+    actions: list[Action] = []
+
+    spec = with_defaults(md.get("spec") or {})
+    errors = validate(spec)
+    if errors:
+        message = "; ".join(str(e) for e in errors)
+        conds = set_condition(conds, "Ready", False, "InvalidSpec", message, now)
+        status["conditions"] = conds
+        status["phase"] = "InvalidSpec"
+        _phase_event(old_status, status, actions, message)
+        return status, actions
+
+    name = meta["name"]
+    target = b.revision_hash(spec)
+    stable = (status.get("stable") or {}).get("revision")
+    stable_dep = observed.deployments.get(b.deployment_name(name, stable)) if stable else None
+    # A stable revision that never served protects nothing: replace it outright.
+    if stable is None or (stable != target and _ready(stable_dep) == 0):
+        stable = target
+        stable_dep = observed.deployments.get(b.deployment_name(name, target))
+        status["stable"] = {"revision": target, "modelVersion": spec["model"]["version"],
+                            "sha256": spec["model"]["sha256"], "deployment": b.deployment_name(name, target)}
+    candidate = target if target != stable else None
+    autoscaled = "autoscaling" in spec
+    if candidate and stable_dep is not None and not autoscaled and \
+            (stable_dep.get("spec") or {}).get("replicas") != spec["replicas"]:
+        # The serving revision follows replica changes while a new one comes up; it is not rebuilt.
+        actions.append(Scale(stable_dep["metadata"]["name"], spec["replicas"]))
+
+    desired = spec["autoscaling"]["minReplicas"] if autoscaled else spec["replicas"]
+    if autoscaled and stable_dep is not None:
+        desired = int((stable_dep.get("spec") or {}).get("replicas") or desired)
+
+    # Children from the current spec: the target revision's Deployment (and golden ConfigMap), the Service.
+    target_dep_name = b.deployment_name(name, target)
+    target_replicas = None if (autoscaled and target == stable and stable_dep is not None) else desired
+    _need(b.deployment(md, spec, target, target_replicas), observed.deployments.get(target_dep_name), actions)
+    cm = b.golden_configmap(md, spec, target)
+    if cm is not None:
+        _need(cm, observed.configmaps.get(cm["metadata"]["name"]), actions)
+    _need(b.service(md, spec), observed.service, actions)
+
+    # Promotion: the candidate is fully ready, so it becomes stable and the old revision goes.
+    if candidate and _ready(observed.deployments.get(target_dep_name)) >= max(desired, 1):
+        actions.append(Event("Normal", "Promoted", f"Promoted revision {target} (model version "
+                                                   f"{spec['model']['version']}) to stable"))
+        status["stable"] = {"revision": target, "modelVersion": spec["model"]["version"],
+                            "sha256": spec["model"]["sha256"], "deployment": target_dep_name}
+        stable, stable_dep, candidate = target, observed.deployments.get(target_dep_name), None
+    live = {stable} | ({candidate} if candidate else set())
+
+    if autoscaled:
+        _need(b.hpa(md, spec, stable, apis.hpa), observed.hpa, actions)
+    elif observed.hpa is not None:
+        actions.append(Delete(observed.hpa["apiVersion"], "HorizontalPodAutoscaler", observed.hpa["metadata"]["name"]))
+    wants_pdb = (spec["autoscaling"]["maxReplicas"] if autoscaled else spec["replicas"]) > 1
+    if wants_pdb:
+        _need(b.pdb(md, apis.pdb), observed.pdb, actions)
+    elif observed.pdb is not None:
+        actions.append(Delete(observed.pdb["apiVersion"], "PodDisruptionBudget", observed.pdb["metadata"]["name"]))
+    for dep_name, dep in sorted(observed.deployments.items()):
+        rev = (dep["metadata"].get("labels") or {}).get(LABEL_REVISION)
+        if rev not in live:
+            actions.append(Delete("apps/v1", "Deployment", dep_name))
+    for cm_name, obj in sorted(observed.configmaps.items()):
+        if (obj["metadata"].get("labels") or {}).get(LABEL_REVISION) not in live:
+            actions.append(Delete("v1", "ConfigMap", cm_name))
+
+    # Status.
+    stable_ready = _ready(stable_dep)
+    status["replicas"] = {"desired": desired, "ready": stable_ready, "summary": f"{stable_ready}/{desired}"}
+    if candidate:
+        status["canary"] = {"revision": candidate, "modelVersion": spec["model"]["version"],
+                            "sha256": spec["model"]["sha256"], "deployment": target_dep_name}
+    else:
+        status.pop("canary", None)
+    status["canaryWeight"] = 0 if not candidate else status.get("canaryWeight", 0)
+    status["url"] = b.service_url(md, spec)
+    provider = observed.execution_providers.get(stable)
+    if provider:
+        status["executionProvider"] = provider
+    failure = revision_failure(observed.pods, candidate or stable)
+    serving = stable_ready >= 1 or desired == 0
+    stable_version = status["stable"]["modelVersion"]
+    if serving:
+        conds = set_condition(conds, "Ready", True, "Serving",
+                              f"{stable_ready}/{desired} replicas of revision {stable} (model version "
+                              f"{stable_version}) ready", now)
+    else:
+        reason, message = failure or ("Starting", f"waiting for pods of revision {stable} to become ready")
+        conds = set_condition(conds, "Ready", False, reason, message, now)
+    if failure:
+        conds = set_condition(conds, "Degraded", True, failure[0], failure[1], now)
+        conds = set_condition(conds, "Progressing", False, failure[0], failure[1], now)
+    else:
+        conds = set_condition(conds, "Degraded", False, "AsExpected", "no revision is failing", now)
+        if candidate:
+            conds = set_condition(conds, "Progressing", True, "NewRevision",
+                                  f"bringing up revision {candidate} (model version {spec['model']['version']})", now)
+        elif stable_ready < desired:
+            conds = set_condition(conds, "Progressing", True, "Scaling", f"{stable_ready}/{desired} replicas ready",
+                                  now)
+        else:
+            conds = set_condition(conds, "Progressing", False, "Complete", f"revision {stable} is fully rolled out",
+                                  now)
+    status["conditions"] = conds
+    if failure:
+        status["phase"] = "Degraded"
+    elif not serving:
+        status["phase"] = "Pending"
+    elif candidate or stable_ready < desired:
+        status["phase"] = "Progressing"
+    else:
+        status["phase"] = "Ready"
+    _phase_event(old_status, status, actions, (get_condition(conds, "Degraded") or {}).get("message", "")
+                 if failure else (get_condition(conds, "Ready") or {}).get("message", ""))
+    return status, actions
+
+
+def _phase_event(old: dict[str, Any], new: dict[str, Any], actions: list[Action], message: str) -> None:
+    if old.get("phase") != new.get("phase"):
+        warning = new["phase"] in ("Degraded", "InvalidSpec")
+        actions.append(Event("Warning" if warning else "Normal", new["phase"],
+                             f"Phase changed from {old.get('phase') or 'none'} to {new['phase']}: {message}"))
