@@ -15,9 +15,11 @@ from typing import Any
 from kubernetes.client.rest import ApiException
 
 from . import LABEL_REVISION
-from .decisions import Apis, Observed, decide
-from .kube import Cache, Key, Kube, execution_provider, now, to_thread
+from .analysis import Samples, Window, add, assess, diff
+from .decisions import Apis, Observed, Requeue, decide
+from .kube import Cache, Key, Kube, execution_provider, now, scrape, to_thread
 from .metrics import OperatorMetrics
+from .rollout import analysis_cfg, measure_due
 from .spec import with_defaults
 
 log = logging.getLogger("modelops.operator")
@@ -37,6 +39,9 @@ class Controller:
         self.active: set[Key] = set()
         self.again: set[Key] = set()
         self.providers: dict[tuple[str, str, str], str] = {}
+        # Canary analysis memory: the last scrape of each pod, and its first scrape in the current rollout.
+        self.last_scrape: dict[str, Samples] = {}
+        self.baseline: dict[tuple[str, str], Samples] = {}  # (rollout id, pod uid) -> samples
         self.heartbeat = time.monotonic()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -115,6 +120,47 @@ class Controller:
                     observed.execution_providers[revision] = provider
                 return
 
+    async def _measure(self, key: Key, md: dict[str, Any], observed: Observed,
+                       spec: dict[str, Any]) -> tuple[str, list[Any]]:
+        status = md.get("status") or {}
+        ro = status["rollout"]
+        rollout_id = f"{key[0]}/{key[1]}/{ro['revision']}/{ro['startedAt']}"
+        port = spec["runtime"]["port"]
+        revisions = {"canary": ro["revision"], "stable": (status.get("stable") or {}).get("revision")}
+        pods = [p for p in observed.pods if (p.get("status") or {}).get("podIP")
+                and not p["metadata"].get("deletionTimestamp")]
+        texts = await asyncio.gather(*(to_thread(scrape, p, port) for p in pods))
+        windows = {"canary": Window(), "stable": Window()}
+        for pod, samples in zip(pods, texts, strict=True):
+            rev = (pod["metadata"].get("labels") or {}).get(LABEL_REVISION)
+            role = next((r for r, v in revisions.items() if v == rev), None)
+            if role is None or samples is None:
+                continue
+            uid = pod["metadata"]["uid"]
+            prev = self.last_scrape.get(uid)
+            self.last_scrape[uid] = samples
+            base_key = (rollout_id, uid)
+            if base_key not in self.baseline:
+                # Canary pods are new: count from zero. Stable pods: from the first scrape of this rollout.
+                self.baseline[base_key] = {} if role == "canary" else samples
+            w = windows[role]
+            if prev is not None or role == "canary":
+                w.recent = add(w.recent, diff(samples, prev))
+            w.since_start = add(w.since_start, diff(samples, self.baseline[base_key] or None))
+        cfg = analysis_cfg(spec)
+        return assess(cfg["checks"], windows["canary"], windows["stable"], cfg["minSamples"], cfg["onNoData"])
+
+    def _record_history(self, old: dict[str, Any], new: dict[str, Any]) -> None:
+        old_h = {(h.get("revision"), h.get("startedAt")): h for h in old.get("history") or []}
+        for h in new.get("history") or []:
+            before = old_h.get((h.get("revision"), h.get("startedAt")), {})
+            if "detectSeconds" in h and "detectSeconds" not in before:
+                self.metrics.detect.observe(h["detectSeconds"])
+            if "rollbackSeconds" in h and "rollbackSeconds" not in before:
+                self.metrics.rollback.observe(h["rollbackSeconds"])
+            if not before:
+                self.metrics.rollouts.labels(h.get("result", "unknown")).inc()
+
     async def reconcile(self, key: Key) -> None:
         md = self.cache.mds.get(key)
         if md is None or md["metadata"].get("deletionTimestamp"):
@@ -123,9 +169,18 @@ class Controller:
         stable = ((md.get("status") or {}).get("stable") or {}).get("revision")
         if stable:
             await self._learn_provider(key, md, observed, stable)
-        status, actions = decide(md, observed, now(), self.apis)
+        t = now()
+        status0 = md.get("status") or {}
+        spec = with_defaults(md.get("spec") or {})
+        if measure_due(status0, spec, t):
+            observed.analysis = await self._measure(key, md, observed, spec)
+        status, actions = decide(md, observed, t, self.apis)
         for action in actions:
-            await to_thread(self.kube.perform, md, action)
+            if isinstance(action, Requeue):
+                asyncio.get_running_loop().call_later(action.seconds, self.enqueue, key)
+            else:
+                await to_thread(self.kube.perform, md, action)
+        self._record_history(status0, status)
         old = md.get("status") or {}
         if status != old:
             patch = dict(status)

@@ -20,7 +20,18 @@ from typing import Any
 
 from . import ANNOTATION_HASH, LABEL_REVISION
 from . import builders as b
+from .analysis import Measurement
 from .conditions import get_condition, set_condition
+from .rollout import (
+    RolloutInputs,
+    advance,
+    mark_handled,
+    record,
+    requested,
+    seconds_between,
+    start,
+    steps_of,
+)
 from .spec import validate, with_defaults
 
 FETCH_EXIT_REASONS = {3: "ModelIntegrityFailed", 4: "ModelFetchFailed"}
@@ -35,6 +46,7 @@ class Observed:
     pdb: dict[str, Any] | None = None
     pods: list[dict[str, Any]] = field(default_factory=list)
     execution_providers: dict[str, str] = field(default_factory=dict)  # revision -> provider in use
+    analysis: tuple[str, list[Measurement]] | None = None  # a canary measurement taken for this pass
 
 
 @dataclass(frozen=True)
@@ -69,7 +81,12 @@ class Event:
     message: str
 
 
-Action = Apply | Scale | Delete | Event
+@dataclass
+class Requeue:
+    seconds: float
+
+
+Action = Apply | Scale | Delete | Event | Requeue
 
 
 def _ready(dep: dict[str, Any] | None) -> int:
@@ -138,42 +155,99 @@ def decide(md: dict[str, Any], observed: Observed, now: str, apis: Apis = Apis()
         return status, actions
 
     name = meta["name"]
+    annotations = meta.get("annotations") or {}
     target = b.revision_hash(spec)
+    strategy = spec["rollout"]["strategy"]
+    version = spec["model"]["version"]
+    failed = status.get("failed")
+    if failed and (failed.get("revision") != target or requested(status, annotations, "retry")):
+        status.pop("failed")  # a new spec, or a user's retry, gives the revision another chance
+    if requested(status, annotations, "retry"):
+        mark_handled(status, annotations, "retry")
+    blocked = (status.get("failed") or {}).get("revision") == target
+
     stable = (status.get("stable") or {}).get("revision")
     stable_dep = observed.deployments.get(b.deployment_name(name, stable)) if stable else None
     # A stable revision that never served protects nothing: replace it outright.
-    if stable is None or (stable != target and _ready(stable_dep) == 0):
+    if stable is None or (stable != target and _ready(stable_dep) == 0 and not blocked
+                          and (status.get("rollout") or {}).get("revision") != target):
         stable = target
         stable_dep = observed.deployments.get(b.deployment_name(name, target))
-        status["stable"] = {"revision": target, "modelVersion": spec["model"]["version"],
+        status["stable"] = {"revision": target, "modelVersion": version,
                             "sha256": spec["model"]["sha256"], "deployment": b.deployment_name(name, target)}
     candidate = target if target != stable else None
+    if candidate is None or (status.get("rollout") or {}).get("revision") not in (None, candidate):
+        status.pop("rollout", None)  # finished, or superseded by a newer spec
     autoscaled = "autoscaling" in spec
-    if candidate and stable_dep is not None and not autoscaled and \
-            (stable_dep.get("spec") or {}).get("replicas") != spec["replicas"]:
-        # The serving revision follows replica changes while a new one comes up; it is not rebuilt.
-        actions.append(Scale(stable_dep["metadata"]["name"], spec["replicas"]))
-
     desired = spec["autoscaling"]["minReplicas"] if autoscaled else spec["replicas"]
-    if autoscaled and stable_dep is not None:
+    if autoscaled and stable_dep is not None and stable == (status.get("stable") or {}).get("revision"):
         desired = int((stable_dep.get("spec") or {}).get("replicas") or desired)
 
-    # Children from the current spec: the target revision's Deployment (and golden ConfigMap), the Service.
     target_dep_name = b.deployment_name(name, target)
-    target_replicas = None if (autoscaled and target == stable and stable_dep is not None) else desired
-    _need(b.deployment(md, spec, target, target_replicas), observed.deployments.get(target_dep_name), actions)
+    target_dep = observed.deployments.get(target_dep_name)
+    target_replicas: int | None = desired
+    stable_replicas = desired
+    weight = 0
+    promote = False
+    paused_for_promotion = False
+    if candidate is None:
+        target_replicas = None if (autoscaled and stable_dep is not None) else desired
+    elif blocked:
+        target_replicas, stable_replicas = 0, desired
+        hist = status.get("history") or []
+        if hist and hist[-1].get("revision") == target and "rollbackSeconds" not in hist[-1] \
+                and _ready(target_dep) == 0:
+            hist[-1]["rollbackSeconds"] = seconds_between(status["failed"]["at"], now)
+    elif strategy == "Canary":
+        if status.get("rollout") is None:
+            start(status, candidate, version, now)
+            actions.append(Event("Normal", "RolloutStarted", f"Started canary of revision {candidate} "
+                                                             f"(model version {version})"))
+        ro = status["rollout"]
+        out = advance(status, RolloutInputs(
+            spec=spec, annotations=annotations, desired=desired, stable_ready=_ready(stable_dep),
+            canary_ready=_ready(target_dep), canary_replicas=int(((target_dep or {}).get("spec") or {}).get("replicas") or 0),
+            analysis=observed.analysis, now=now))
+        for kind, reason, message in out.events:
+            actions.append(Event(kind, reason, message))
+        target_replicas, stable_replicas, weight, promote = out.canary_replicas, out.stable_replicas, out.weight, \
+            out.promote
+        if out.rolled_back is not None:
+            blocked = True
+        else:
+            step = steps_of(spec)[ro["step"]] if ro["step"] < len(steps_of(spec)) else None
+            paused_for_promotion = bool(step and "pause" in step and (step["pause"] or {}).get("durationSeconds") is None)
+            wait = [x for x in (out.requeue_after, _interval(spec) if ro.get("trafficSince") else 1.0) if x]
+            actions.append(Requeue(max(0.5, min(wait))))
+    elif strategy == "RollingUpdate":
+        promote = _ready(target_dep) >= max(desired, 1)
+    else:  # Recreate: the old revision goes first
+        stable_replicas = 0
+        target_replicas = desired if _ready(stable_dep) == 0 and int(
+            ((stable_dep or {}).get("spec") or {}).get("replicas") or 0) == 0 else 0
+        promote = _ready(target_dep) >= max(desired, 1)
+    if candidate and not promote and stable_dep is not None and \
+            (stable_dep.get("spec") or {}).get("replicas") != stable_replicas:
+        # Traffic moves by replica ratio; the serving revision is scaled, never rebuilt.
+        actions.append(Scale(stable_dep["metadata"]["name"], stable_replicas))
+    if promote:
+        target_replicas = desired
+
+    _need(b.deployment(md, spec, target, target_replicas), target_dep, actions)
     cm = b.golden_configmap(md, spec, target)
     if cm is not None:
         _need(cm, observed.configmaps.get(cm["metadata"]["name"]), actions)
     _need(b.service(md, spec), observed.service, actions)
 
-    # Promotion: the candidate is fully ready, so it becomes stable and the old revision goes.
-    if candidate and _ready(observed.deployments.get(target_dep_name)) >= max(desired, 1):
-        actions.append(Event("Normal", "Promoted", f"Promoted revision {target} (model version "
-                                                   f"{spec['model']['version']}) to stable"))
-        status["stable"] = {"revision": target, "modelVersion": spec["model"]["version"],
+    if promote and candidate:
+        ro = status.pop("rollout", None) or {}
+        actions.append(Event("Normal", "Promoted", f"Promoted revision {target} (model version {version}) to stable"))
+        if ro:
+            record(status, {"revision": target, "modelVersion": version, "result": "Promoted",
+                            "startedAt": ro.get("startedAt"), "finishedAt": now})
+        status["stable"] = {"revision": target, "modelVersion": version,
                             "sha256": spec["model"]["sha256"], "deployment": target_dep_name}
-        stable, stable_dep, candidate = target, observed.deployments.get(target_dep_name), None
+        stable, stable_dep, candidate = target, target_dep, None
     live = {stable} | ({candidate} if candidate else set())
 
     if autoscaled:
@@ -195,35 +269,43 @@ def decide(md: dict[str, Any], observed: Observed, now: str, apis: Apis = Apis()
 
     # Status.
     stable_ready = _ready(stable_dep)
-    status["replicas"] = {"desired": desired, "ready": stable_ready, "summary": f"{stable_ready}/{desired}"}
-    if candidate:
-        status["canary"] = {"revision": candidate, "modelVersion": spec["model"]["version"],
-                            "sha256": spec["model"]["sha256"], "deployment": target_dep_name}
+    status["replicas"] = {"desired": desired, "ready": stable_ready + (_ready(target_dep) if candidate else 0),
+                          "summary": f"{stable_ready + (_ready(target_dep) if candidate else 0)}/{desired}"}
+    if candidate and not blocked:
+        status["canary"] = {"revision": candidate, "modelVersion": version,
+                            "sha256": spec["model"]["sha256"], "deployment": target_dep_name,
+                            "readyReplicas": _ready(target_dep)}
     else:
         status.pop("canary", None)
-    status["canaryWeight"] = 0 if not candidate else status.get("canaryWeight", 0)
+    status["canaryWeight"] = weight if candidate and not blocked else 0
     status["url"] = b.service_url(md, spec)
     provider = observed.execution_providers.get(stable)
     if provider:
         status["executionProvider"] = provider
-    failure = revision_failure(observed.pods, candidate or stable)
-    serving = stable_ready >= 1 or desired == 0
+    failure = None if blocked else revision_failure(observed.pods, candidate or stable)
+    serving = stable_ready >= 1 or desired == 0 or (candidate is not None and _ready(target_dep) >= 1)
     stable_version = status["stable"]["modelVersion"]
     if serving:
         conds = set_condition(conds, "Ready", True, "Serving",
-                              f"{stable_ready}/{desired} replicas of revision {stable} (model version "
-                              f"{stable_version}) ready", now)
+                              f"revision {stable} (model version {stable_version}) serves with {stable_ready} "
+                              f"ready of {desired} desired replicas", now)
     else:
         reason, message = failure or ("Starting", f"waiting for pods of revision {stable} to become ready")
         conds = set_condition(conds, "Ready", False, reason, message, now)
-    if failure:
+    if blocked:
+        f = status["failed"]
+        msg = f"rolled back revision {f['revision']} (model version {f.get('modelVersion')}): {f['message']}"
+        conds = set_condition(conds, "Degraded", True, "RolledBack", msg, now)
+        conds = set_condition(conds, "Progressing", False, "RolledBack",
+                              "the failed revision is not retried until the spec changes or a retry is requested", now)
+    elif failure:
         conds = set_condition(conds, "Degraded", True, failure[0], failure[1], now)
         conds = set_condition(conds, "Progressing", False, failure[0], failure[1], now)
     else:
         conds = set_condition(conds, "Degraded", False, "AsExpected", "no revision is failing", now)
         if candidate:
-            conds = set_condition(conds, "Progressing", True, "NewRevision",
-                                  f"bringing up revision {candidate} (model version {spec['model']['version']})", now)
+            conds = set_condition(conds, "Progressing", True, strategy, _progress_message(status, spec, strategy),
+                                  now)
         elif stable_ready < desired:
             conds = set_condition(conds, "Progressing", True, "Scaling", f"{stable_ready}/{desired} replicas ready",
                                   now)
@@ -231,17 +313,44 @@ def decide(md: dict[str, Any], observed: Observed, now: str, apis: Apis = Apis()
             conds = set_condition(conds, "Progressing", False, "Complete", f"revision {stable} is fully rolled out",
                                   now)
     status["conditions"] = conds
-    if failure:
+    if blocked:
+        status["phase"] = "RolledBack"
+    elif failure:
         status["phase"] = "Degraded"
     elif not serving:
         status["phase"] = "Pending"
+    elif paused_for_promotion:
+        status["phase"] = "Paused"
     elif candidate or stable_ready < desired:
         status["phase"] = "Progressing"
     else:
         status["phase"] = "Ready"
     _phase_event(old_status, status, actions, (get_condition(conds, "Degraded") or {}).get("message", "")
-                 if failure else (get_condition(conds, "Ready") or {}).get("message", ""))
+                 if (failure or blocked) else (get_condition(conds, "Ready") or {}).get("message", ""))
     return status, actions
+
+
+def _interval(spec: dict[str, Any]) -> float:
+    return float(((spec.get("rollout") or {}).get("analysis") or {}).get("intervalSeconds", 5))
+
+
+def _progress_message(status: dict[str, Any], spec: dict[str, Any], strategy: str) -> str:
+    ro = status.get("rollout")
+    if strategy != "Canary" or not ro:
+        return f"bringing up revision {(status.get('canary') or {}).get('revision')} ({strategy})"
+    steps = steps_of(spec)
+    a = ro.get("analysis") or {}
+    parts = [f"step {min(ro['step'] + 1, len(steps))}/{len(steps)}", f"weight {status.get('canaryWeight', 0)}%"]
+    if ro.get("promoting"):
+        parts.append("promoting")
+    if a.get("verdict") == "Inconclusive":
+        why = "; ".join(m["message"] for m in a.get("measurements") or [] if m["verdict"] == "Inconclusive")
+        parts.append(f"holding since {a.get('inconclusiveSince')}: {why}")
+    elif a.get("verdict"):
+        parts.append(f"analysis {a['verdict']} ({a.get('consecutiveFailures', 0)} consecutive failures)")
+    elif not ro.get("trafficSince"):
+        parts.append("waiting for canary pods")
+    return ", ".join(parts)
 
 
 def _phase_event(old: dict[str, Any], new: dict[str, Any], actions: list[Action], message: str) -> None:

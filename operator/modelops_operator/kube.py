@@ -203,5 +203,17 @@ def execution_provider(pod: dict[str, Any], model: str, port: int) -> str | None
         return None
 
 
+def scrape(pod: dict[str, Any], port: int) -> Any:
+    """The runtime pod's /metrics, parsed; None when it does not answer (a measurement, not an error)."""
+    from .analysis import parse_prometheus
+
+    ip = (pod.get("status") or {}).get("podIP")
+    try:
+        with urllib.request.urlopen(f"http://{ip}:{port}/metrics", timeout=2) as resp:
+            return parse_prometheus(resp.read().decode())
+    except (OSError, ValueError):
+        return None
+
+
 async def to_thread(fn: Any, *args: Any) -> Any:
     return await asyncio.to_thread(fn, *args)

@@ -19,6 +19,13 @@ class OperatorMetrics:
         self._duration = r.histogram("modelops_operator_reconcile_duration_seconds", "Time of one reconcile pass.",
                                      buckets=RECONCILE_BUCKETS).labels()
         self.managed = r.gauge("modelops_operator_managed_objects", "ModelDeployments known to the operator.").labels()
+        self.detect = r.histogram("modelops_operator_time_to_detect_seconds",
+                                  "From a canary's first traffic to the verdict that rolled it back.",
+                                  buckets=(1, 2, 5, 10, 15, 20, 30, 45, 60, 120, 300, 600)).labels()
+        self.rollback = r.histogram("modelops_operator_time_to_rollback_seconds",
+                                    "From the rollback decision to the canary having no ready pod.",
+                                    buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120)).labels()
+        self.rollouts = r.counter("modelops_operator_rollouts_total", "Finished rollouts by result.", ("result",))
         self.writes = r.gauge("modelops_operator_api_writes", "Write calls made to the API server since start.").labels()
 
     def observe(self, result: str, seconds: float) -> None:

@@ -233,8 +233,13 @@ class OnnxModel:
         """Runs a generated input (and the golden request, if any) before the model reports ready."""
         if not self.loaded:
             return
-        for _ in range(3):
-            self.run(self.example_inputs())
+        try:
+            for _ in range(3):
+                self.run(self.example_inputs())
+        except Exception as e:  # ORT raises its own types; the server stays up and reports why it is not ready
+            self.not_ready_reason = f"warm-up inference failed: {e}"
+            log.error("Kept model %s not ready: %s", self.name, self.not_ready_reason)
+            return
         if golden is not None:
             problem = check_golden(self, golden)
             if problem:

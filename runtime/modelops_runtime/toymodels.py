@@ -102,6 +102,31 @@ def multi_io() -> bytes:
     return bytes(model.SerializeToString())
 
 
+def failing_mlp(sizes: Sequence[int] = (256, 512, 512, 512, 10), seed: int = 0) -> bytes:
+    """The MLP of `mlp(sizes, seed)` plus a Gather whose index is max(x) * 1000: an all-zero input (the
+    runtime's warm-up) passes, real inputs fail inside ONNX Runtime. A release that breaks on traffic."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load_from_string(mlp(sizes, seed=seed, output_name="y0"))
+    g = model.graph
+    g.initializer.extend([numpy_helper.from_array(np.zeros(4, dtype=np.float32), "table"),
+                          numpy_helper.from_array(np.array(0.0, dtype=np.float32), "zero_f"),
+                          numpy_helper.from_array(np.array(1000.0, dtype=np.float32), "thousand")])
+    g.node.extend([
+        helper.make_node("ReduceMax", ["x"], ["xmax"], keepdims=0),
+        helper.make_node("Mul", ["xmax", "thousand"], ["scaled"]),
+        helper.make_node("Cast", ["scaled"], ["idx"], to=TensorProto.INT64),
+        helper.make_node("Gather", ["table", "idx"], ["picked"]),
+        helper.make_node("Mul", ["picked", "zero_f"], ["nothing"]),
+        helper.make_node("Add", ["y0", "nothing"], ["y"]),
+    ])
+    del g.output[:]
+    g.output.extend([helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", sizes[-1]])])
+    onnx.checker.check_model(model)
+    return bytes(model.SerializeToString())
+
+
 def save(data: bytes, path: str | Path) -> str:
     """Writes the model and returns its sha256."""
     Path(path).write_bytes(data)

@@ -82,11 +82,12 @@ def test_invalid_spec_changes_nothing_but_status() -> None:
     assert status["stable"] == m["status"]["stable"] and status["observedGeneration"] == 2
 
 
-def test_new_model_version_brings_up_a_candidate_then_promotes_and_deletes_the_old() -> None:
-    m, obs = converge(md(), ready=2)
+def test_rolling_update_brings_up_the_new_revision_then_promotes_and_deletes_the_old() -> None:
+    base = {**SPEC, "rollout": {"strategy": "RollingUpdate"}}
+    m, obs = converge(md(base), ready=2)
     m["status"], _ = decide(m, obs, NOW)
     old_name = m["status"]["stable"]["deployment"]
-    v2 = {**SPEC, "model": {**SPEC["model"], "version": "2", "sha256": "b" * 64}}
+    v2 = {**base, "model": {**SPEC["model"], "version": "2", "sha256": "b" * 64}}
     status, actions = decide(md(v2, m["status"]), obs, NOW)
     new = [a for a in actions if isinstance(a, Apply) and a.manifest["kind"] == "Deployment"]
     assert len(new) == 1 and new[0].manifest["metadata"]["name"] != old_name

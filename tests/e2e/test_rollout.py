@@ -1,0 +1,257 @@
+"""Progressive rollout on the real local control plane, with steady client load through the Service.
+
+Each scenario: v1 serves, v2 is applied, the canary takes real traffic, the operator judges it on the
+pods' own metrics (no Prometheus) and promotes or rolls back.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import yaml
+from kubernetes import client
+from modelops_runtime import toymodels
+
+from tests.e2e.test_operator import apply, deployments, md, phase_is
+from tests.helpers import wait_until
+
+pytestmark = pytest.mark.e2e
+INTERVAL, FAILURE_LIMIT = 2, 2
+
+
+@pytest.fixture()
+def ns(kube: Any) -> Any:
+    core = client.CoreV1Api(kube)
+    name = f"ro-{uuid.uuid4().hex[:8]}"
+    core.create_namespace({"metadata": {"name": name}})
+    yield name
+    core.delete_namespace(name)
+
+
+@pytest.fixture(scope="module")
+def models(cluster: dict[str, Any], model_dir: Path, model_server: int) -> dict[str, dict[str, str]]:
+    made = {
+        "v1": toymodels.mlp(seed=0),
+        "good": toymodels.mlp(seed=0, scale=1.0005),
+        "slow": toymodels.heavy(seed=0, width=2048, depth=4),
+        "errors": toymodels.failing_mlp(seed=0),
+        "drift": toymodels.mlp(seed=0, bias_shift=50.0),
+        "inaccurate": toymodels.mlp(seed=7),
+    }
+    out = {}
+    for name, data in made.items():
+        digest = toymodels.save(data, model_dir / f"ro-{name}.onnx")
+        out[name] = {"uri": f"http://{cluster['host_ip']}:{model_server}/ro-{name}.onnx", "sha256": digest,
+                     "path": str(model_dir / f"ro-{name}.onnx")}
+    return out
+
+
+def spec_for(model: dict[str, str], version: str, checks: dict[str, Any],
+             steps: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    return {"apiVersion": "modelops.dev/v1alpha1", "kind": "ModelDeployment", "metadata": {"name": "fraud"},
+            "spec": {"model": {"name": "fraud", "version": version, "uri": model["uri"], "sha256": model["sha256"]},
+                     "replicas": 2, "monitoring": {"task": "classification"},
+                     "rollout": {"strategy": "Canary",
+                                 "steps": steps or [{"setWeight": 50}, {"pause": {"durationSeconds": 12}}],
+                                 "analysis": {"intervalSeconds": INTERVAL, "failureLimit": FAILURE_LIMIT,
+                                              "minSamples": 10, "checks": checks}}}}
+
+
+class Load:
+    """Steady client traffic through the Service proxy: a new connection per request (so connections spread
+    over pods as kube-proxy spreads them), optional feedback on the same connection (same pod)."""
+
+    def __init__(self, url: str, labeller: ort.InferenceSession | None = None, rate: float = 40) -> None:
+        host, port = url.removeprefix("http://").split(":")
+        self.host, self.port = host, int(port)
+        self.labeller = labeller
+        self.period = 1.0 / rate
+        self.codes: Counter[Any] = Counter()
+        self.stop_event = threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(4)]
+        self.rng = np.random.default_rng(0)
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_event.set()
+        for t in self.threads:
+            t.join(timeout=10)
+
+    def _run(self, i: int) -> None:
+        rng = np.random.default_rng(i)
+        while not self.stop_event.is_set():
+            t0 = time.monotonic()
+            x = rng.standard_normal((1, 256)).astype(np.float32)
+            rid = uuid.uuid4().hex
+            body = json.dumps({"id": rid, "inputs": [{"name": "x", "shape": [1, 256], "datatype": "FP32",
+                                                      "data": x.ravel().tolist()}]})
+            try:
+                c = http.client.HTTPConnection(self.host, self.port, timeout=10)
+                c.request("POST", "/v2/models/fraud/infer", body, {"content-type": "application/json"})
+                r = c.getresponse()
+                r.read()
+                self.codes[r.status] += 1
+                if r.status == 200 and self.labeller is not None:
+                    label = int(np.argmax(self.labeller.run(None, {"x": x})[0]))
+                    c.request("POST", "/v2/models/fraud/feedback", json.dumps({"id": rid, "label": label}),
+                              {"content-type": "application/json"})
+                    c.getresponse().read()
+                c.close()
+            except OSError as e:
+                self.codes[type(e).__name__] += 1
+            time.sleep(max(0.0, self.period * 4 - (time.monotonic() - t0)))
+
+
+def ready_v1(cluster: dict[str, Any], kube: Any, ns: str, models: dict[str, dict[str, str]],
+             checks: dict[str, Any], services: Any, **kw: Any) -> str:
+    apply(cluster, ns, spec_for(models["v1"], "1", checks, **kw))
+    wait_until("v1 Ready", lambda: phase_is(kube, ns, "Ready"), timeout=120)
+    return wait_until("the Service proxy", lambda: services(f"{ns}/fraud"))
+
+
+def rolled_back(kube: Any, ns: str, models: dict[str, dict[str, str]], bad: str, checks: dict[str, Any],
+                cluster: dict[str, Any], services: Any, metric: str, labeller: bool = False) -> None:
+    url = ready_v1(cluster, kube, ns, models, checks, services)
+    sess = ort.InferenceSession(models["v1"]["path"], providers=["CPUExecutionProvider"]) if labeller else None
+    with Load(url, labeller=sess) as load:
+        time.sleep(3)
+        apply(cluster, ns, spec_for(models[bad], "2", checks))
+        obj = wait_until("RolledBack", lambda: phase_is(kube, ns, "RolledBack"), timeout=120)
+        wait_until("the canary at zero pods", lambda: "rollbackSeconds" in (md(kube, ns)["status"]["history"][-1]),
+                   timeout=60)
+    st = md(kube, ns)["status"]
+    last = st["history"][-1]
+    assert last["result"] == "RolledBack" and last["reason"] == "AnalysisFailed"
+    assert metric in last["message"], last["message"]
+    assert last["detectSeconds"] <= INTERVAL * FAILURE_LIMIT + 15, last
+    assert last["detectSeconds"] + last["rollbackSeconds"] <= 60, last
+    degraded = next(c for c in obj["status"]["conditions"] if c["type"] == "Degraded")
+    ready = next(c for c in obj["status"]["conditions"] if c["type"] == "Ready")
+    assert degraded["status"] == "True" and degraded["reason"] == "RolledBack" and metric in degraded["message"]
+    assert ready["status"] == "True"  # stable keeps serving
+    assert st["stable"]["modelVersion"] == "1" and st["failed"]["modelVersion"] == "2"
+    events = client.CoreV1Api(kube).list_namespaced_event(ns, field_selector="involvedObject.name=fraud").items
+    assert any(e.type == "Warning" and e.reason == "RolledBack" and metric in e.message for e in events)
+    assert load.codes[200] > 50
+
+
+def test_good_version_goes_through_every_step_without_a_failed_request(
+        cluster: dict[str, Any], kube: Any, operator: Any, ns: str, models: dict[str, dict[str, str]],
+        services: Any) -> None:
+    checks = {"errorRate": {"max": 0.01}, "latency": {"quantile": 0.99, "maxRatio": 5},
+              "predictionDrift": {"maxPSI": 0.5}}
+    steps = [{"setWeight": 50}, {"pause": {"durationSeconds": 6}}]
+    url = ready_v1(cluster, kube, ns, models, checks, services, steps=steps)
+    (old,) = deployments(kube, ns)
+    weights: set[int] = set()
+    with Load(url) as load:
+        time.sleep(2)
+        apply(cluster, ns, spec_for(models["good"], "2", checks, steps=steps))
+
+        def promoted() -> bool:
+            st = md(kube, ns)["status"]
+            weights.add(st.get("canaryWeight", 0))
+            return st.get("phase") == "Ready" and st["stable"]["modelVersion"] == "2"
+
+        wait_until("v2 promoted", promoted, timeout=180, interval=0.5)
+        wait_until("the old revision gone", lambda: [d.metadata.name for d in deployments(kube, ns)] != [
+            old.metadata.name] and len(deployments(kube, ns)) == 1, timeout=60)
+        time.sleep(4)  # keep the load on while the old pods drain
+    assert 50 in weights
+    assert set(load.codes) == {200}, load.codes
+    assert load.codes[200] > 100
+    st = md(kube, ns)["status"]
+    assert st["history"][-1]["result"] == "Promoted" and "canary" not in st
+
+
+def test_slower_version_is_rolled_back_for_latency(cluster: dict[str, Any], kube: Any, operator: Any, ns: str,
+                                                   models: dict[str, dict[str, str]], services: Any) -> None:
+    rolled_back(kube, ns, models, "slow", {"latency": {"quantile": 0.9, "maxRatio": 2}}, cluster, services, "latency")
+
+
+def test_failing_version_is_rolled_back_for_errors(cluster: dict[str, Any], kube: Any, operator: Any, ns: str,
+                                                   models: dict[str, dict[str, str]], services: Any) -> None:
+    rolled_back(kube, ns, models, "errors", {"errorRate": {"max": 0.05}}, cluster, services, "errorRate")
+
+
+def test_drifting_version_is_rolled_back_for_prediction_drift(
+        cluster: dict[str, Any], kube: Any, operator: Any, ns: str, models: dict[str, dict[str, str]],
+        services: Any) -> None:
+    rolled_back(kube, ns, models, "drift", {"predictionDrift": {"maxPSI": 0.25}, "latency": {"maxRatio": 5}},
+                cluster, services, "predictionDrift")
+
+
+def test_less_accurate_version_is_rolled_back_on_fed_back_labels(
+        cluster: dict[str, Any], kube: Any, operator: Any, ns: str, models: dict[str, dict[str, str]],
+        services: Any) -> None:
+    rolled_back(kube, ns, models, "inaccurate", {"accuracy": {"min": 0.8, "minLabels": 10}}, cluster, services,
+                "accuracy", labeller=True)
+
+
+def test_canary_without_traffic_holds_instead_of_rolling_back(
+        cluster: dict[str, Any], kube: Any, operator: Any, ns: str, models: dict[str, dict[str, str]],
+        services: Any) -> None:
+    checks = {"errorRate": {"max": 0.01}}
+    ready_v1(cluster, kube, ns, models, checks, services)
+    apply(cluster, ns, spec_for(models["errors"], "2", checks))
+
+    def holding() -> dict[str, Any] | None:
+        st = md(kube, ns)["status"]
+        a = (st.get("rollout") or {}).get("analysis") or {}
+        return st if a.get("verdict") == "Inconclusive" else None
+
+    wait_until("an inconclusive verdict", holding, timeout=90)
+    time.sleep(INTERVAL * (FAILURE_LIMIT + 3))
+    st = md(kube, ns)["status"]
+    assert st["phase"] == "Progressing" and st["rollout"]["step"] == 1
+    progressing = next(c for c in st["conditions"] if c["type"] == "Progressing")
+    assert "holding since" in progressing["message"] and "samples" in progressing["message"]
+
+
+def test_operator_killed_mid_rollout_resumes_from_status(
+        cluster: dict[str, Any], kube: Any, operator: Any, ns: str, models: dict[str, dict[str, str]],
+        services: Any, tmp_path: Path) -> None:
+    from tests.conftest import OperatorProcess
+
+    checks = {"errorRate": {"max": 0.01}}
+    steps = [{"setWeight": 50}, {"pause": {}}, {"setWeight": 100}]
+    url = ready_v1(cluster, kube, ns, models, checks, services, steps=steps)
+    with Load(url) as load:
+        apply(cluster, ns, spec_for(models["good"], "2", checks, steps=steps))
+        wait_until("Paused at step 2", lambda: phase_is(kube, ns, "Paused"), timeout=120)
+        started = md(kube, ns)["status"]["rollout"]["startedAt"]
+        names = sorted(d.metadata.name for d in deployments(kube, ns))
+        operator.stop(kill=True)
+        replacement = OperatorProcess(operator.kubeconfig, tmp_path / "op.log", resync=1.0).start()
+        try:
+            wait_until("a few passes", lambda: replacement.metric("modelops_operator_reconciles_total") >= 4)
+            st = md(kube, ns)["status"]
+            assert st["phase"] == "Paused" and st["rollout"]["step"] == 1 and st["rollout"]["startedAt"] == started
+            assert sorted(d.metadata.name for d in deployments(kube, ns)) == names
+            import subprocess
+            import sys
+
+            res = subprocess.run([str(Path(sys.executable).parent / "modelops"), "--kubeconfig",
+                                  operator.kubeconfig, "promote", "fraud", "-n", ns], capture_output=True, text=True)
+            assert res.returncode == 0, res.stderr
+            wait_until("v2 promoted", lambda: phase_is(kube, ns, "Ready") and
+                       md(kube, ns)["status"]["stable"]["modelVersion"] == "2", timeout=120)
+        finally:
+            replacement.stop()
+            operator.start()
+    assert set(load.codes) == {200}, load.codes
+    yaml.safe_dump(md(kube, ns)["status"])  # status stays plain data
