@@ -40,8 +40,8 @@ class LocalCluster:
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         signal.signal(signal.SIGINT, lambda *_: stop.set())
-        cp = ControlPlane(self.dir)
         net = PodNetwork()
+        cp = ControlPlane(self.dir, pod_visible_ip=net.host_ip)
         node: ProcessNode | None = None
         proxy: ServiceProxy | None = None
         try:
@@ -50,10 +50,13 @@ class LocalCluster:
             net.setup()
             api = config.new_client_from_config(str(cp.kubeconfig))
             kube = Kube(api)
-            node = ProcessNode(kube, self.dir, net)
+            node = ProcessNode(kube, self.dir, net, api_port=cp.api_port)
             node.start()
             proxy = ServiceProxy(kube, self.dir / "services.json")
             proxy.start()
+            # In-cluster clients (the operator as a pod) reach the API server at the node's host address,
+            # as they would reach the kubernetes Service's ClusterIP.
+            proxy.forward(net.host_ip, cp.api_port, "127.0.0.1", cp.api_port)
             self._write(pid=os.getpid(), ready=True, pids=cp.pids, kubeconfig=str(cp.kubeconfig),
                         server=cp.server, host_ip=net.host_ip, nodes=[n.name for n in node.nodes],
                         pod_subnet=str(net.subnet))

@@ -47,14 +47,15 @@ def _openssl(*args: str, cwd: Path) -> None:
         raise LocalClusterError(f"openssl {args[0]} failed: {e.stderr.decode(errors='replace')}") from e
 
 
-def make_pki(d: Path) -> None:
+def make_pki(d: Path, extra_ips: tuple[str, ...] = ()) -> None:
     d.mkdir(parents=True, exist_ok=True)
     _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "3650",
              "-subj", "/CN=modelops-local-ca", cwd=d)
     _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "apiserver.key", "-out", "apiserver.csr",
              "-subj", "/CN=kube-apiserver", cwd=d)
+    extra = "".join(f",IP:{ip}" for ip in extra_ips)
     (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost,IP:10.96.0.1,DNS:kubernetes,"
-                               "DNS:kubernetes.default,DNS:kubernetes.default.svc\n")
+                               f"DNS:kubernetes.default,DNS:kubernetes.default.svc{extra}\n")
     _openssl("x509", "-req", "-in", "apiserver.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
              "-out", "apiserver.crt", "-days", "3650", "-extfile", "san.ext", cwd=d)
     _openssl("genrsa", "-out", "sa.key", "2048", cwd=d)
@@ -79,6 +80,7 @@ class ControlPlane:
     api_port: int = 0
     etcd_port: int = 0
     token: str = ""
+    pod_visible_ip: str = ""  # where pods reach the API server (the node's host address); in the cert
     pids: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -93,7 +95,7 @@ class ControlPlane:
         bins = {n: binary(n) for n in ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")}
         pki = self.dir / "pki"
         logs = self.dir / "logs"
-        make_pki(pki)
+        make_pki(pki, (self.pod_visible_ip,) if self.pod_visible_ip else ())
         self.token = secrets.token_hex(16)
         (pki / "tokens.csv").write_text(f'{self.token},admin,admin,"system:masters"\n')
         self.etcd_port = free_port()

@@ -254,6 +254,11 @@ class PodRunner(threading.Thread):
         bindir = str(Path(sys.executable).parent)
         env = {"PATH": f"{bindir}:/usr/local/bin:/usr/bin:/bin", "HOME": str(self.dir), "LANG": "C.UTF-8",
                "HOSTNAME": self.pod_name, "PYTHONUNBUFFERED": "1"}
+        if self.node.api_port:
+            # What the kubelet injects for the kubernetes Service, pointed where pods can reach it.
+            env.update({"KUBERNETES_SERVICE_HOST": self.node.network.host_ip,
+                        "KUBERNETES_SERVICE_PORT": str(self.node.api_port),
+                        "KUBERNETES_SERVICE_PORT_HTTPS": str(self.node.api_port)})
         for src in c.spec.get("envFrom") or []:
             env.update(self._env_from(src))
         for e in c.spec.get("env") or []:
@@ -301,13 +306,17 @@ class PodRunner(threading.Thread):
 
     def _mount_script(self, c: ContainerProc) -> str:
         lines = []
+        mounts = []
         for m in c.spec.get("volumeMounts") or []:
             src = self.volumes.get(m["name"])
             if src is None:
                 continue
-            if m.get("subPath"):
-                src = src / m["subPath"]
-            target = Path(m["mountPath"])
+            mounts.append((src / m["subPath"] if m.get("subPath") else src, Path(m["mountPath"]), m))
+        # A mount over a directory that holds other volumes' sources (an emptyDir at /tmp while the
+        # node's pod directories live under /tmp) must come last, or it hides those sources.
+        sources = [src for src, _, _ in mounts]
+        mounts.sort(key=lambda x: any(s.is_relative_to(x[1]) for s in sources))
+        for src, target, m in mounts:
             self.node.ensure_mount_point(target, src.is_dir())
             lines.append(f"mount --bind {shlex.quote(str(src))} {shlex.quote(str(target))}")
             if m.get("readOnly"):
@@ -592,6 +601,7 @@ class ProcessNode:
     nodes: list[NodeSpec] = field(default_factory=lambda: [NodeSpec("local-cpu"), NodeSpec("local-gpu", gpus=4)])
     image_map: dict[str, list[str]] = field(default_factory=default_image_map)
     heartbeat: float = 10.0
+    api_port: int = 0  # the API server's port, reachable from pods at the network's host address
 
     def __post_init__(self) -> None:
         self.runners: dict[str, PodRunner] = {}

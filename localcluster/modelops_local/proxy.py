@@ -134,10 +134,22 @@ class ServiceProxy:
             log.info("Proxied Service %s/%s port %s on %s:%d", ns, name, key[2], self.host, self.listeners[key][1])
 
     def _write_state(self) -> None:
-        state = {f"{k[0]}/{k[1]}/{k[2]}": f"{self.host}:{port}" for k, (_, port) in list(self.listeners.items())}
+        state = {f"{k[0]}/{k[1]}/{k[2]}": f"{self.host}:{port}" for k, (_, port) in list(self.listeners.items())
+                 if k[1] != "forward"}
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
         tmp.replace(self.state_file)
+
+    def forward(self, host: str, port: int, target_host: str, target_port: int) -> None:
+        """A plain TCP forward, e.g. for pods to reach the API server."""
+        key = ("", "forward", f"{host}:{port}")
+
+        async def open_forward() -> None:
+            self.endpoints[key] = [(target_host, target_port)]
+            server = await asyncio.start_server(functools.partial(self._handle, key), host, port)
+            self.listeners[key] = (server, port)
+
+        asyncio.run_coroutine_threadsafe(open_forward(), self.loop).result(timeout=10)
 
     # -- data path -------------------------------------------------------------------------------
     async def _handle(self, key: tuple[str, str, str], reader: asyncio.StreamReader,
