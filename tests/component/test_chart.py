@@ -99,3 +99,17 @@ def test_notes_tell_the_user_what_to_do_next() -> None:
     chart = helm.Chart.load(str(CHART))
     notes = chart.render({}, name="modelops", namespace="ops", is_install=True)["modelops/templates/NOTES.txt"]
     assert "kubectl apply" in notes and "modelops promote" in notes
+
+
+def test_argocd_configmap_snippet_carries_the_health_check_verbatim() -> None:
+    patch = yaml.safe_load((ROOT / "argocd" / "argocd-cm-patch.yaml").read_text())
+    lua = patch["data"]["resource.customizations.health.modelops.dev_ModelDeployment"]
+    assert lua.strip() == (ROOT / "argocd" / "health.lua").read_text().strip()
+
+
+def test_gitops_examples_are_argocd_applications() -> None:
+    for path in (ROOT / "examples" / "gitops").glob("*.yaml"):
+        doc = yaml.safe_load(path.read_text())
+        assert doc["apiVersion"] == "argoproj.io/v1alpha1" and doc["kind"] == "Application", path
+        assert doc["spec"]["destination"]["namespace"] and doc["spec"]["source"]["path"]
+        assert (ROOT / doc["spec"]["source"]["path"]).exists(), path

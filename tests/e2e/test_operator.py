@@ -13,6 +13,7 @@ import yaml
 from kubernetes import client
 from modelops_runtime import toymodels
 
+from tests.argo import health
 from tests.helpers import Http, infer_body, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -94,6 +95,7 @@ def test_example_becomes_ready_and_serves_through_the_service(cluster: dict[str,
     assert st["url"] == f"http://fraud.{ns}.svc.cluster.local/v2/models/fraud"
     assert st["observedGeneration"] == obj["metadata"]["generation"]
     assert condition(obj, "Ready")["status"] == "True"
+    assert health(obj)[0] == "Healthy"  # Argo CD's view of the same object
     assert not obj["metadata"].get("finalizers")
     wait_until("a 200 through the Service", lambda: infer_through_service(services, ns) == 200, timeout=30)
     # And the pods run the restricted profile with the model fetched by an init step
@@ -143,6 +145,7 @@ def test_invalid_spec_is_reported_and_the_running_revision_is_left_alone(
     ready = condition(obj, "Ready")
     assert ready["status"] == "False" and ready["reason"] == "InvalidSpec"
     assert "spec.autoscaling.minReplicas" in ready["message"]
+    assert health(obj) == ("Degraded", ready["message"])
     (after,) = deployments(kube, ns)
     assert after.metadata.resource_version == before.metadata.resource_version
     assert not kubectl(cluster, "get", "hpa", "-n", ns, "-o", "name").stdout.strip()
@@ -163,6 +166,7 @@ def test_digest_mismatch_never_becomes_ready_and_says_why(cluster: dict[str, Any
     assert ready["status"] == "False" and ready["reason"] == "ModelIntegrityFailed"
     assert "sha256" in ready["message"]
     assert condition(obj, "Degraded")["status"] == "True"
+    assert health(obj)[0] == "Degraded"
     # Fixing the digest replaces the failed revision
     apply(cluster, ns, example(served_model, replicas=1))
     wait_until("phase Ready", lambda: phase_is(kube, ns, "Ready"), timeout=120)

@@ -23,6 +23,7 @@ from kubernetes import client
 from modelops_runtime import toymodels
 
 from tests.e2e.test_operator import apply, deployments, md, phase_is
+from tests.argo import health
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -143,6 +144,7 @@ def rolled_back(kube: Any, ns: str, models: dict[str, dict[str, str]], bad: str,
     ready = next(c for c in obj["status"]["conditions"] if c["type"] == "Ready")
     assert degraded["status"] == "True" and degraded["reason"] == "RolledBack" and metric in degraded["message"]
     assert ready["status"] == "True"  # stable keeps serving
+    assert health(obj) == ("Degraded", degraded["message"])
     assert st["stable"]["modelVersion"] == "1" and st["failed"]["modelVersion"] == "2"
     events = client.CoreV1Api(kube).list_namespaced_event(ns, field_selector="involvedObject.name=fraud").items
     assert any(e.type == "Warning" and e.reason == "RolledBack" and metric in e.message for e in events)
@@ -162,9 +164,13 @@ def test_good_version_goes_through_every_step_without_a_failed_request(
         time.sleep(2)
         apply(cluster, ns, spec_for(models["good"], "2", checks, steps=steps))
 
+        seen: set[str] = set()
+
         def promoted() -> bool:
-            st = md(kube, ns)["status"]
+            obj = md(kube, ns)
+            st = obj["status"]
             weights.add(st.get("canaryWeight", 0))
+            seen.add(health(obj)[0])
             return st.get("phase") == "Ready" and st["stable"]["modelVersion"] == "2"
 
         wait_until("v2 promoted", promoted, timeout=180, interval=0.5)
@@ -172,6 +178,7 @@ def test_good_version_goes_through_every_step_without_a_failed_request(
             old.metadata.name] and len(deployments(kube, ns)) == 1, timeout=60)
         time.sleep(4)  # keep the load on while the old pods drain
     assert 50 in weights
+    assert {"Progressing", "Healthy"} <= seen
     assert set(load.codes) == {200}, load.codes
     assert load.codes[200] > 100
     st = md(kube, ns)["status"]
@@ -232,7 +239,8 @@ def test_operator_killed_mid_rollout_resumes_from_status(
     url = ready_v1(cluster, kube, ns, models, checks, services, steps=steps)
     with Load(url) as load:
         apply(cluster, ns, spec_for(models["good"], "2", checks, steps=steps))
-        wait_until("Paused at step 2", lambda: phase_is(kube, ns, "Paused"), timeout=120)
+        paused = wait_until("Paused at step 2", lambda: phase_is(kube, ns, "Paused"), timeout=120)
+        assert health(paused)[0] == "Suspended"
         started = md(kube, ns)["status"]["rollout"]["startedAt"]
         names = sorted(d.metadata.name for d in deployments(kube, ns))
         operator.stop(kill=True)
