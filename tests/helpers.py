@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import os
 import socket
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
+
+from modelops_local.files import file_server  # noqa: F401  (re-exported for tests)
 
 T = TypeVar("T")
 RUNTIME = str(Path(sys.executable).parent / "modelops-runtime")
@@ -146,22 +144,3 @@ def metric(text: str, name: str, **labels: str) -> float:
         if all(f'{k}="{v}"' in rest for k, v in labels.items()):
             total += float(value)
     return total
-
-
-@contextlib.contextmanager
-def file_server(directory: Path, host: str = "0.0.0.0") -> Iterator[int]:
-    """Serves `directory` over HTTP on all addresses (pods reach it through the host address)."""
-    server = ThreadingHTTPServer((host, 0), partial(_QuietHandler, directory=str(directory)))
-    t = threading.Thread(target=server.serve_forever, daemon=True)
-    t.start()
-    try:
-        yield int(server.server_address[1])
-    finally:
-        server.shutdown()
-        server.server_close()
-        t.join(timeout=5)
-
-
-class _QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        pass

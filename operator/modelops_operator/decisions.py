@@ -355,6 +355,6 @@ def _progress_message(status: dict[str, Any], spec: dict[str, Any], strategy: st
 
 def _phase_event(old: dict[str, Any], new: dict[str, Any], actions: list[Action], message: str) -> None:
     if old.get("phase") != new.get("phase"):
-        warning = new["phase"] in ("Degraded", "InvalidSpec")
+        warning = new["phase"] in ("Degraded", "InvalidSpec", "RolledBack")
         actions.append(Event("Warning" if warning else "Normal", new["phase"],
                              f"Phase changed from {old.get('phase') or 'none'} to {new['phase']}: {message}"))

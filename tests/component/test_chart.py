@@ -113,3 +113,16 @@ def test_gitops_examples_are_argocd_applications() -> None:
         assert doc["apiVersion"] == "argoproj.io/v1alpha1" and doc["kind"] == "Application", path
         assert doc["spec"]["destination"]["namespace"] and doc["spec"]["source"]["path"]
         assert (ROOT / doc["spec"]["source"]["path"]).exists(), path
+
+
+def test_readme_reference_is_generated_from_the_current_crd() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gen_reference", ROOT / "docs" / "gen_reference.py")
+    assert spec and spec.loader
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split(gen.BEGIN, 1)[1].split(gen.END, 1)[0]
+    assert section.strip() == gen.generate().strip(), "run: python docs/gen_reference.py --write"
+    assert "make demo" in readme and "make test" in readme

@@ -6,24 +6,20 @@ pods' own metrics (no Prometheus) and promotes or rolls back.
 
 from __future__ import annotations
 
-import http.client
-import json
-import threading
 import time
 import uuid
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnxruntime as ort
 import pytest
 import yaml
 from kubernetes import client
+from modelops_local.traffic import Load
 from modelops_runtime import toymodels
 
-from tests.e2e.test_operator import apply, deployments, md, phase_is
 from tests.argo import health
+from tests.e2e.test_operator import apply, deployments, md, phase_is
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -66,55 +62,6 @@ def spec_for(model: dict[str, str], version: str, checks: dict[str, Any],
                                  "steps": steps or [{"setWeight": 50}, {"pause": {"durationSeconds": 12}}],
                                  "analysis": {"intervalSeconds": INTERVAL, "failureLimit": FAILURE_LIMIT,
                                               "minSamples": 10, "checks": checks}}}}
-
-
-class Load:
-    """Steady client traffic through the Service proxy: a new connection per request (so connections spread
-    over pods as kube-proxy spreads them), optional feedback on the same connection (same pod)."""
-
-    def __init__(self, url: str, labeller: ort.InferenceSession | None = None, rate: float = 40) -> None:
-        host, port = url.removeprefix("http://").split(":")
-        self.host, self.port = host, int(port)
-        self.labeller = labeller
-        self.period = 1.0 / rate
-        self.codes: Counter[Any] = Counter()
-        self.stop_event = threading.Event()
-        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(4)]
-        self.rng = np.random.default_rng(0)
-
-    def __enter__(self) -> Load:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop_event.set()
-        for t in self.threads:
-            t.join(timeout=10)
-
-    def _run(self, i: int) -> None:
-        rng = np.random.default_rng(i)
-        while not self.stop_event.is_set():
-            t0 = time.monotonic()
-            x = rng.standard_normal((1, 256)).astype(np.float32)
-            rid = uuid.uuid4().hex
-            body = json.dumps({"id": rid, "inputs": [{"name": "x", "shape": [1, 256], "datatype": "FP32",
-                                                      "data": x.ravel().tolist()}]})
-            try:
-                c = http.client.HTTPConnection(self.host, self.port, timeout=10)
-                c.request("POST", "/v2/models/fraud/infer", body, {"content-type": "application/json"})
-                r = c.getresponse()
-                r.read()
-                self.codes[r.status] += 1
-                if r.status == 200 and self.labeller is not None:
-                    label = int(np.argmax(self.labeller.run(None, {"x": x})[0]))
-                    c.request("POST", "/v2/models/fraud/feedback", json.dumps({"id": rid, "label": label}),
-                              {"content-type": "application/json"})
-                    c.getresponse().read()
-                c.close()
-            except OSError as e:
-                self.codes[type(e).__name__] += 1
-            time.sleep(max(0.0, self.period * 4 - (time.monotonic() - t0)))
 
 
 def ready_v1(cluster: dict[str, Any], kube: Any, ns: str, models: dict[str, dict[str, str]],
