@@ -25,7 +25,8 @@ apt_install() {
     || die "apt-get install ${missing[*]} failed"
 }
 
-apt_install etcd-server
+# Runtime dependencies of the local cluster and its tests: etcd, and Prometheus for the prometheus provider.
+apt_install etcd-server prometheus
 if have_binaries; then
   echo "build-kubernetes: using cached binaries in $BIN"
   exit 0

@@ -154,3 +154,71 @@ def operator(cluster: dict[str, Any], crd: None, tmp_path_factory: pytest.TempPa
         yield op
     finally:
         op.stop()
+
+
+@pytest.fixture(scope="session")
+def prometheus(cluster: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Prometheus (Debian package) discovering and scraping the local cluster's pods every second."""
+    import shutil as sh
+    import subprocess
+    import threading
+    import urllib.request
+
+    import yaml
+
+    from tests.helpers import free_port, wait_until
+
+    binary = sh.which("prometheus")
+    if binary is None:
+        pytest.fail("prometheus is not installed (make test installs the Debian package)")
+    d = tmp_path_factory.mktemp("prometheus")
+    # Debian's Prometheus is built without kubernetes_sd, so pods are discovered into a file_sd target
+    # file: the same targets and labels (namespace, pod) the usual kubernetes-pods job produces.
+    targets = d / "targets.json"
+    targets.write_text("[]")
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [{"job_name": "kubernetes-pods",
+                            "file_sd_configs": [{"files": [str(targets)], "refresh_interval": "1s"}]}],
+    }
+    stop = threading.Event()
+
+    def discover() -> None:
+        from kubernetes import client
+        from kubernetes import config as kconfig
+
+        core = client.CoreV1Api(kconfig.new_client_from_config(cluster["kubeconfig"]))
+        while not stop.wait(1.0):
+            try:
+                pods = core.list_pod_for_all_namespaces().items
+            except Exception:
+                continue
+            found = [{"targets": [f"{p.status.pod_ip}:{p.metadata.annotations['prometheus.io/port']}"],
+                      "labels": {"namespace": p.metadata.namespace, "pod": p.metadata.name}}
+                     for p in pods if p.status.pod_ip and (p.metadata.annotations or {}).get("prometheus.io/scrape")
+                     == "true" and p.status.phase == "Running"]
+            tmp = targets.with_suffix(".tmp")
+            tmp.write_text(json.dumps(found))
+            tmp.replace(targets)
+
+    discovery = threading.Thread(target=discover, daemon=True)
+    discovery.start()
+    (d / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    with open(d / "prometheus.log", "wb") as log:
+        proc = subprocess.Popen([binary, f"--config.file={d / 'prometheus.yml'}", f"--storage.tsdb.path={d / 'data'}",
+                                 f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
+    address = f"http://127.0.0.1:{port}"
+    try:
+        wait_until("Prometheus ready", lambda: urllib.request.urlopen(f"{address}/-/ready", timeout=2).status == 200,
+                   timeout=60)
+        yield address
+    finally:
+        stop.set()
+        discovery.join(timeout=10)
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

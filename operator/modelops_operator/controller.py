@@ -19,7 +19,8 @@ from .analysis import Samples, Window, add, assess, diff
 from .decisions import Apis, Observed, Requeue, decide
 from .kube import Cache, Key, Kube, execution_provider, now, scrape, to_thread
 from .metrics import OperatorMetrics
-from .rollout import analysis_cfg, measure_due
+from .providers import prometheus_checks, prometheus_window
+from .rollout import analysis_cfg, measure_due, seconds_between
 from .spec import with_defaults
 
 log = logging.getLogger("modelops.operator")
@@ -150,6 +151,26 @@ class Controller:
         cfg = analysis_cfg(spec)
         return assess(cfg["checks"], windows["canary"], windows["stable"], cfg["minSamples"], cfg["onNoData"])
 
+    async def _measure_prometheus(self, key: Key, md: dict[str, Any], spec: dict[str, Any]) -> tuple[str, list[Any]]:
+        status = md.get("status") or {}
+        ro = status["rollout"]
+        cfg = analysis_cfg(spec)
+        address = cfg["provider"]["address"]
+        t = now()
+        last = ro["analysis"].get("lastMeasuredAt")
+        recent = max(seconds_between(last, t) if last else cfg["intervalSeconds"], cfg["intervalSeconds"])
+        since = max(seconds_between(ro.get("trafficSince") or ro["startedAt"], t), recent)
+        canary = await to_thread(prometheus_window, address, key[0], key[1], ro["revision"], recent, since)
+        stable = await to_thread(prometheus_window, address, key[0], key[1],
+                                 (status.get("stable") or {}).get("revision"), recent, since)
+        builtin = {k: v for k, v in cfg["checks"].items() if k != "prometheus"}
+        verdict, measurements = assess(builtin, canary, stable, cfg["minSamples"], cfg["onNoData"])
+        extra = await to_thread(prometheus_checks, address, cfg["checks"].get("prometheus") or [], key[0], key[1],
+                                ro["revision"], recent)
+        measurements += extra
+        order = {"Pass": 0, "Inconclusive": 1, "Fail": 2}
+        return max([verdict, *(m.verdict for m in extra)], key=order.__getitem__), measurements
+
     def _record_history(self, old: dict[str, Any], new: dict[str, Any]) -> None:
         old_h = {(h.get("revision"), h.get("startedAt")): h for h in old.get("history") or []}
         for h in new.get("history") or []:
@@ -173,7 +194,10 @@ class Controller:
         status0 = md.get("status") or {}
         spec = with_defaults(md.get("spec") or {})
         if measure_due(status0, spec, t):
-            observed.analysis = await self._measure(key, md, observed, spec)
+            if (analysis_cfg(spec).get("provider") or {}).get("type", "pods") == "prometheus":
+                observed.analysis = await self._measure_prometheus(key, md, spec)
+            else:
+                observed.analysis = await self._measure(key, md, observed, spec)
         status, actions = decide(md, observed, t, self.apis)
         for action in actions:
             if isinstance(action, Requeue):

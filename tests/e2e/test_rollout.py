@@ -210,3 +210,53 @@ def test_operator_killed_mid_rollout_resumes_from_status(
             operator.start()
     assert set(load.codes) == {200}, load.codes
     yaml.safe_dump(md(kube, ns)["status"])  # status stays plain data
+
+
+def test_prometheus_provider_rolls_back_a_failing_version(
+        cluster: dict[str, Any], kube: Any, operator: Any, ns: str, models: dict[str, dict[str, str]],
+        services: Any, prometheus: str) -> None:
+    checks = {"errorRate": {"max": 0.05}, "prometheus": [{
+        "name": "canaryRequestRate",
+        "query": 'sum(rate(modelops_requests_total{namespace="{{namespace}}",pod=~"{{name}}-{{revision}}-.*"}'
+                 '[{{window}}]))', "min": 0}]}
+    provider = {"type": "prometheus", "address": prometheus}
+
+    def spec(model: str, version: str) -> dict[str, Any]:
+        doc = spec_for(models[model], version, checks)
+        doc["spec"]["rollout"]["analysis"]["provider"] = provider
+        doc["spec"]["rollout"]["analysis"]["intervalSeconds"] = 3
+        return doc
+
+    apply(cluster, ns, spec("v1", "1"))
+    wait_until("v1 Ready", lambda: phase_is(kube, ns, "Ready"), timeout=120)
+    url = wait_until("the Service proxy", lambda: services(f"{ns}/fraud"))
+    with Load(url):
+        time.sleep(3)
+        apply(cluster, ns, spec("errors", "2"))
+        obj = wait_until("RolledBack", lambda: phase_is(kube, ns, "RolledBack"), timeout=120)
+    last = obj["status"]["history"][-1]
+    assert "errorRate" in last["message"], last
+    assert last["detectSeconds"] <= 3 * FAILURE_LIMIT + 15 + 5, last  # + Prometheus' scrape and rate() lag
+    # The verdicts came from Prometheus: the user's PromQL check was evaluated alongside.
+    events = client.CoreV1Api(kube).list_namespaced_event(ns, field_selector="involvedObject.name=fraud").items
+    assert any(e.reason == "RolledBack" for e in events)
+
+
+def test_prometheus_provider_measures_what_the_pods_provider_measures(
+        cluster: dict[str, Any], kube: Any, operator: Any, ns: str, models: dict[str, dict[str, str]],
+        services: Any, prometheus: str) -> None:
+    from modelops_operator.analysis import total
+    from modelops_operator.providers import prometheus_window
+
+    url = ready_v1(cluster, kube, ns, models, {"errorRate": {"max": 0.05}}, services)
+    revision = md(kube, ns)["status"]["stable"]["revision"]
+    with Load(url, rate=20):
+        def counted() -> float | None:
+            w = prometheus_window(prometheus, ns, "fraud", revision, 10, 10)
+            n = total(w.recent, "modelops_requests_total")
+            return n if n > 50 else None
+
+        n = wait_until("Prometheus to count the requests", counted, timeout=60)
+    assert n > 50
+    w = prometheus_window(prometheus, ns, "fraud", "no-such-revision", 10, 10)
+    assert w.recent == {}  # no data is an empty window, not an error
