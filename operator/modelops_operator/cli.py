@@ -3,6 +3,7 @@
   modelops local up|down|status|url ...          the local control plane (see modelops_local)
   modelops promote|abort|retry NAME [-n NS]      manual rollout control, without editing the spec
   modelops status NAME [-n NS]                   phase, revisions, weight, analysis, history
+  modelops optimize MODEL.onnx -o OUT.onnx ...   optimization with a benchmark and an accuracy gate
 
 Manual control works with GitOps: it sets an annotation (modelops.dev/promote, /abort, /retry) that
 the operator handles once; the spec in Git is never touched. The kubectl equivalent is
@@ -110,6 +111,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["optimize"]:
+        from modelops_runtime.optimize import main as optimize_main
+
+        return optimize_main(argv[1:])
     if argv[:1] == ["local"]:
         from modelops_local.cli import main as local_main
 
@@ -118,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config)")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("local", help="a local Kubernetes control plane with a process node (modelops local --help)")
+    sub.add_parser("optimize", help="quantize, prune, simplify a model; measured and gated (modelops optimize -h)")
     for name, text in (("promote", "skip the remaining steps and promote the canary"),
                        ("abort", "roll the canary back now"),
                        ("retry", "try a rolled-back revision again"),

@@ -17,7 +17,7 @@ from kubernetes.client.rest import ApiException
 from . import LABEL_REVISION
 from .analysis import Samples, Window, add, assess, diff
 from .decisions import Apis, Observed, Requeue, decide
-from .kube import Cache, Key, Kube, execution_provider, now, scrape, to_thread
+from .kube import Cache, Key, Kube, now, scrape, serving_details, to_thread
 from .metrics import OperatorMetrics
 from .providers import prometheus_checks, prometheus_window
 from .rollout import analysis_cfg, measure_due, seconds_between
@@ -40,6 +40,7 @@ class Controller:
         self.active: set[Key] = set()
         self.again: set[Key] = set()
         self.providers: dict[tuple[str, str, str], str] = {}
+        self.applied: dict[tuple[str, str, str], list[str]] = {}
         # Canary analysis memory: the last scrape of each pod, and its first scrape in the current rollout.
         self.last_scrape: dict[str, Samples] = {}
         self.baseline: dict[tuple[str, str], Samples] = {}  # (rollout id, pod uid) -> samples
@@ -100,11 +101,13 @@ class Controller:
         pdb = next(iter(c.of("PodDisruptionBudget", key)), None)
         status = md.get("status") or {}
         providers = {rev: p for (ns, name, rev), p in self.providers.items() if (ns, name) == key}
+        applied = {rev: a for (ns, name, rev), a in self.applied.items() if (ns, name) == key}
         stable = (status.get("stable") or {}).get("revision")
         if stable and status.get("executionProvider"):
             providers.setdefault(stable, status["executionProvider"])
+            applied.setdefault(stable, list(status.get("optimizationApplied") or []))
         return Observed(deployments=by_name, configmaps=cms, service=svc, hpa=hpa, pdb=pdb,
-                        pods=c.of("Pod", key), execution_providers=providers)
+                        pods=c.of("Pod", key), execution_providers=providers, optimizations=applied)
 
     async def _learn_provider(self, key: Key, md: dict[str, Any], observed: Observed, revision: str) -> None:
         if revision in observed.execution_providers:
@@ -115,10 +118,10 @@ class Controller:
             ready = any(cd.get("type") == "Ready" and cd.get("status") == "True"
                         for cd in (pod.get("status") or {}).get("conditions") or [])
             if labels.get(LABEL_REVISION) == revision and ready:
-                provider = await to_thread(execution_provider, pod, spec["model"]["name"], spec["runtime"]["port"])
-                if provider:
-                    self.providers[(*key, revision)] = provider
-                    observed.execution_providers[revision] = provider
+                details = await to_thread(serving_details, pod, spec["model"]["name"], spec["runtime"]["port"])
+                if details:
+                    self.providers[(*key, revision)], self.applied[(*key, revision)] = details
+                    observed.execution_providers[revision], observed.optimizations[revision] = details
                 return
 
     async def _measure(self, key: Key, md: dict[str, Any], observed: Observed,

@@ -46,6 +46,7 @@ class Observed:
     pdb: dict[str, Any] | None = None
     pods: list[dict[str, Any]] = field(default_factory=list)
     execution_providers: dict[str, str] = field(default_factory=dict)  # revision -> provider in use
+    optimizations: dict[str, list[str]] = field(default_factory=dict)  # revision -> load-time optimizations applied
     analysis: tuple[str, list[Measurement]] | None = None  # a canary measurement taken for this pass
 
 
@@ -282,6 +283,7 @@ def decide(md: dict[str, Any], observed: Observed, now: str, apis: Apis = Apis()
     provider = observed.execution_providers.get(stable)
     if provider:
         status["executionProvider"] = provider
+        status["optimizationApplied"] = observed.optimizations.get(stable, [])
     failure = None if blocked else revision_failure(observed.pods, candidate or stable)
     serving = stable_ready >= 1 or desired == 0 or (candidate is not None and _ready(target_dep) >= 1)
     stable_version = status["stable"]["modelVersion"]

@@ -191,14 +191,16 @@ class Kube:
                             {"status": status}, "application/merge-patch+json")
 
 
-def execution_provider(pod: dict[str, Any], model: str, port: int) -> str | None:
-    """Asks a ready runtime pod which ONNX Runtime provider it serves on."""
+def serving_details(pod: dict[str, Any], model: str, port: int) -> tuple[str, list[str]] | None:
+    """Asks a ready runtime pod which ONNX Runtime provider it serves on and which load-time
+    optimizations it applied."""
     ip = (pod.get("status") or {}).get("podIP")
     if not ip:
         return None
     try:
         with urllib.request.urlopen(f"http://{ip}:{port}/v2/models/{model}", timeout=2) as resp:
-            return str(json.load(resp)["parameters"]["execution_provider"])
+            params = json.load(resp)["parameters"]
+            return str(params["execution_provider"]), [str(a) for a in params.get("applied") or []]
     except (OSError, ValueError, KeyError):
         return None
 

@@ -199,10 +199,15 @@ class OnnxModel:
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
             tmp = target.with_suffix(".tmp")
+            # The quantizer writes scratch files beside its input, and the model volume is read-only.
+            src = cache / f"{self.digest}-source.onnx"
+            shutil.copyfile(path, src)
             try:
-                quantize_dynamic(str(path), str(tmp), weight_type=QuantType.QInt8)
+                quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8)
             except Exception as e:
                 raise ModelLoadError(f"dynamic int8 quantization of {path} failed: {e}") from e
+            finally:
+                src.unlink(missing_ok=True)
             os.replace(tmp, target)
             log.info("Quantized model %s to dynamic int8, cached as %s", self.name, target)
         else:

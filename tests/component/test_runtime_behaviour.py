@@ -249,3 +249,20 @@ def test_loads_from_s3_compatible_server(mlp_path: tuple[Path, str], tmp_path: P
     finally:
         moto.terminate()
         moto.wait(timeout=30)
+
+
+def test_load_time_quantization_works_from_a_read_only_model_directory(mlp_path: tuple[Path, str],
+                                                                       tmp_path: Path) -> None:
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    (ro / "m.onnx").write_bytes(mlp_path[0].read_bytes())
+    ro.chmod(0o555)
+    try:
+        with RuntimeProcess(ro / "m.onnx", "m", "--quantize", "dynamic-int8", "--cache-dir", str(tmp_path / "c"),
+                            env={"HOME": str(tmp_path)}) as rt:
+            c = rt.client()
+            assert c.json("GET", "/v2/models/m")[1]["parameters"]["applied"] == ["dynamic-int8"]
+            c.close()
+        assert sorted(p.name for p in ro.iterdir()) == ["m.onnx"]
+    finally:
+        ro.chmod(0o755)

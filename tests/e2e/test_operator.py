@@ -187,6 +187,17 @@ def test_gpu_pods_request_gpus_land_on_the_gpu_node_and_fall_back_to_cpu(
     assert pod.spec.containers[0].image.startswith("ghcr.io/modelops/runtime-gpu")
 
 
+def test_load_time_optimization_is_applied_and_shown(cluster: dict[str, Any], kube: Any, operator: Any, ns: str,
+                                                    served_model: dict[str, str]) -> None:
+    doc = example(served_model, replicas=1)
+    doc["spec"]["model"]["optimization"] = {"quantize": "dynamic-int8", "graphOptimizationLevel": "extended"}
+    apply(cluster, ns, doc)
+    obj = wait_until("phase Ready with what was applied",
+                     lambda: (o := phase_is(kube, ns, "Ready")) and "optimizationApplied" in o["status"] and o,
+                     timeout=120)
+    assert obj["status"]["optimizationApplied"] == ["dynamic-int8", "graph-extended"]
+
+
 def test_operator_restart_changes_nothing(cluster: dict[str, Any], kube: Any, operator: Any, ns: str,
                                           served_model: dict[str, str], tmp_path: Path) -> None:
     from tests.conftest import OperatorProcess
