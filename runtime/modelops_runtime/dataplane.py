@@ -114,7 +114,18 @@ class Batcher:
         return not self.busy and not self.pending
 
     # -- loop side -------------------------------------------------------------------------------
-    def submit(self, req: InferRequest, timeout: float | None = None) -> asyncio.Future[Result]:
+    def submit(self, req: InferRequest, timeout: float | None = None) -> asyncio.Future[Result] | Result:
+        """A Result at once when the model runs inline and nothing waits; else a future."""
+        if self.inline and not self.pending and not self.busy:
+            now = time.perf_counter()
+            outputs, pred, elapsed = self._execute_one(req.inputs)
+            if isinstance(outputs, BaseException):
+                raise outputs
+            assert pred is not None
+            self._infer_time.observe(elapsed)
+            self._batch_size.observe(req.rows)
+            self._queue_wait.observe(0.0)
+            return Result(outputs, pred, 0.0, elapsed, req.rows)
         if len(self.pending) >= self.cfg.max_queue:
             raise TooManyRequests(f"queue is full ({self.cfg.max_queue} requests waiting); retry later")
         loop = self._loop
@@ -230,14 +241,16 @@ class Batcher:
 
     # -- inference thread ------------------------------------------------------------------------
     def _execute(self, batch: list[_Pending]) -> tuple[list[np.ndarray] | BaseException, np.ndarray | None, float]:
+        if len(batch) == 1:
+            return self._execute_one(batch[0].req.inputs)
+        names = list(batch[0].req.inputs)
+        return self._execute_one({n: np.concatenate([p.req.inputs[n] for p in batch]) for n in names})
+
+    def _execute_one(self, feeds: dict[str, np.ndarray]) -> tuple[list[np.ndarray] | BaseException,
+                                                                  np.ndarray | None, float]:
         pred: np.ndarray | None = None
         t0 = time.perf_counter()
         try:
-            if len(batch) == 1:
-                feeds = batch[0].req.inputs
-            else:
-                names = list(batch[0].req.inputs)
-                feeds = {n: np.concatenate([p.req.inputs[n] for p in batch]) for n in names}
             outputs: list[np.ndarray] | BaseException = self.model.run(feeds)
             elapsed = time.perf_counter() - t0
             assert isinstance(outputs, list)
@@ -270,7 +283,7 @@ class DataPlane:
     def ready(self) -> bool:
         return self.model.ready and not self.draining
 
-    def submit(self, body: bytes, header_length: int | None) -> tuple[InferRequest, asyncio.Future[Result]]:
+    def submit(self, body: bytes, header_length: int | None) -> tuple[InferRequest, asyncio.Future[Result] | Result]:
         if not self.model.ready:
             raise NotReady(f"model {self.model.name} is not ready: {self.model.not_ready_reason}")
         m = self.model

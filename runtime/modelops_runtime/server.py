@@ -359,18 +359,30 @@ class App:
             self._finish(req, conn, e.status, None, None)
             self._error(conn, req, e)
             return
-        fut.add_done_callback(lambda f: self._infer_done(req, conn, ireq, f))
-
-    def _infer_done(self, req: Request, conn: HttpProtocol, ireq: Any, fut: asyncio.Future[Result]) -> None:
-        self._inflight.value -= 1
-        exc = fut.exception()
-        if exc is not None:
-            err = exc if isinstance(exc, RuntimeServerError) else RuntimeServerError(
-                f"inference failed: {type(exc).__name__}: {exc}")
-            self._finish(req, conn, err.status, ireq, None)
+        except Exception as e:  # an inline inference failed inside ONNX Runtime
+            err = RuntimeServerError(f"inference failed: {type(e).__name__}: {e}")
+            inflight.value -= 1
+            self._finish(req, conn, err.status, None, None)
             self._error(conn, req, err)
             return
-        result = fut.result()
+        if isinstance(fut, Result):
+            self._infer_done(req, conn, ireq, fut)
+        else:
+            fut.add_done_callback(lambda f: self._infer_done(req, conn, ireq, f))
+
+    def _infer_done(self, req: Request, conn: HttpProtocol, ireq: Any, fut: asyncio.Future[Result] | Result) -> None:
+        self._inflight.value -= 1
+        if isinstance(fut, Result):
+            result = fut
+        else:
+            exc = fut.exception()
+            if exc is not None:
+                err = exc if isinstance(exc, RuntimeServerError) else RuntimeServerError(
+                    f"inference failed: {type(exc).__name__}: {exc}")
+                self._finish(req, conn, err.status, ireq, None)
+                self._error(conn, req, err)
+                return
+            result = fut.result()
         try:
             body, hlen = self.dp.respond(ireq, result)
         except RuntimeServerError as e:
