@@ -248,3 +248,35 @@ def test_abort_rolls_back_with_the_users_reason() -> None:
     c.md["metadata"]["annotations"]["modelops.dev/abort"] = "now"
     c.step(3)
     assert c.md["status"]["phase"] == "RolledBack" and c.md["status"]["failed"]["reason"] == "Aborted"
+
+
+def test_recreate_stops_the_old_revision_before_starting_the_new() -> None:
+    base = {**BASE, "rollout": {"strategy": "Recreate"}}
+    v2 = {**base, "model": {**BASE["model"], "version": "2", "sha256": "b" * 64}}
+    c = Cluster(base)
+    c.step(0)
+    c.step(1)
+    c.apply(v2)
+    c.step(2)  # old scaled to zero, new created at zero
+    assert c.replicas() == {f"m:{rev(base)}": 0, f"m:{rev(v2)}": 0}
+    c.step(3)  # old has no pod left: the new one starts at full size
+    assert c.replicas()[f"m:{rev(v2)}"] == 4
+    c.step(4)
+    c.step(5)
+    assert c.md["status"]["stable"]["modelVersion"] == "2" and c.replicas() == {f"m:{rev(v2)}": 4}
+
+
+def test_input_drift_reads_the_monitored_feature_histograms() -> None:
+    def feature(counts: list[int]) -> Any:
+        cum, lines = 0, []
+        for le, n in zip(["-1", "0", "1", "+Inf"], counts, strict=True):
+            cum += n
+            lines.append(f'modelops_feature_value_bucket{{feature="x:0",le="{le}"}} {cum}')
+        return parse_prometheus("\n".join(lines))
+
+    stable = feature([100, 400, 400, 100])
+    same, shifted = feature([10, 40, 40, 10]), feature([0, 5, 15, 80])
+    checks = {"inputDrift": {"feature": "x:0", "maxPSI": 0.2}}
+    assert assess(checks, Window(same, same), Window(stable, stable), 20, "pause")[0] == PASS
+    verdict, ms = assess(checks, Window(shifted, shifted), Window(stable, stable), 20, "pause")
+    assert verdict == FAIL and "x:0" in ms[0].message
