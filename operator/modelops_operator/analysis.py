@@ -188,6 +188,16 @@ def _judge(metric: str, value: float, ok: bool, threshold: str, samples: float) 
     return Measurement(metric, value, threshold, samples, verdict, f"{metric} {value:.4g} {sign} {threshold}")
 
 
+def _drift_check(metric: str, limit: float, what: str, stable: dict[str, float], canary: dict[str, float],
+                 min_samples: int, on_no_data: str) -> Measurement:
+    n = sum(canary.values())
+    th = f"max PSI {limit:g}{what}"
+    d = drift(stable, canary)
+    if n < min_samples or sum(stable.values()) < min_samples or d is None:
+        return _no_data(metric, th, n, min_samples, on_no_data)
+    return _judge(metric, d, d <= limit, th, n)
+
+
 def assess(checks: dict[str, Any], canary: Window, stable: Window, min_samples: int,
            on_no_data: str) -> tuple[str, list[Measurement]]:
     """Measures every configured check of the canary (against the stable revision where relative)."""
@@ -228,30 +238,20 @@ def assess(checks: dict[str, Any], canary: Window, stable: Window, min_samples: 
             out.append(Measurement("latency", value, th, n, PASS if ok else FAIL,
                                    f"latency {detail} {'within' if ok else 'breaches'} {th}"))
     if "predictionDrift" in checks:
-        limit = float(checks["predictionDrift"]["maxPSI"])
-        cs = by_label(canary.since_start, "modelops_prediction_class_total", "class") or \
-            bucket_counts(canary.since_start, "modelops_prediction_value")
-        ss = by_label(stable.since_start, "modelops_prediction_class_total", "class") or \
-            bucket_counts(stable.since_start, "modelops_prediction_value")
-        n = sum(cs.values())
-        th = f"max PSI {limit:g}"
-        d = drift(ss, cs)
-        if n < min_samples or sum(ss.values()) < min_samples or d is None:
-            out.append(_no_data("predictionDrift", th, n, min_samples, on_no_data))
-        else:
-            out.append(_judge("predictionDrift", d, d <= limit, th, n))
+        def outputs(w: Window) -> dict[str, float]:
+            return by_label(w.since_start, "modelops_prediction_class_total", "class") or \
+                bucket_counts(w.since_start, "modelops_prediction_value")
+
+        out.append(_drift_check("predictionDrift", float(checks["predictionDrift"]["maxPSI"]), "",
+                                outputs(stable), outputs(canary), min_samples, on_no_data))
     if "inputDrift" in checks:
         chk = checks["inputDrift"]
-        limit = float(chk["maxPSI"])
-        cs = bucket_counts(canary.since_start, "modelops_feature_value", feature=chk["feature"])
-        ss = bucket_counts(stable.since_start, "modelops_feature_value", feature=chk["feature"])
-        n = sum(cs.values())
-        th = f"max PSI {limit:g} on {chk['feature']}"
-        shift = drift(ss, cs)
-        if n < min_samples or sum(ss.values()) < min_samples or shift is None:
-            out.append(_no_data("inputDrift", th, n, min_samples, on_no_data))
-        else:
-            out.append(_judge("inputDrift", shift, shift <= limit, th, n))
+
+        def feature(w: Window) -> dict[str, float]:
+            return bucket_counts(w.since_start, "modelops_feature_value", feature=chk["feature"])
+
+        out.append(_drift_check("inputDrift", float(chk["maxPSI"]), f" on {chk['feature']}", feature(stable),
+                                feature(canary), min_samples, on_no_data))
     if "accuracy" in checks:
         chk = checks["accuracy"]
         need = int(chk.get("minLabels", 20))

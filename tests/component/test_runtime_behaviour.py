@@ -30,6 +30,17 @@ def heavy_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d / "heavy.onnx"
 
 
+def readiness(rt: RuntimeProcess) -> tuple[int, dict] | None:
+    """The readiness answer of a server that may not be listening yet."""
+    try:
+        c = rt.client()
+        r = c.json("GET", "/v2/health/ready")
+        c.close()
+        return r
+    except OSError:
+        return None
+
+
 def test_integrity_mismatch_refuses_to_start(mlp_path: tuple[Path, str]) -> None:
     res = subprocess.run([RUNTIME, "--model", str(mlp_path[0]), "--name", "m", "--sha256", "0" * 64,
                           "--port", str(free_port())], capture_output=True, text=True, timeout=60)
@@ -67,16 +78,7 @@ def test_options_come_from_environment_variables(mlp_path: tuple[Path, str]) -> 
 
 def test_gpu_without_cuda_is_not_ready_unless_fallback_is_allowed(mlp_path: tuple[Path, str]) -> None:
     with RuntimeProcess(mlp_path[0], "g", "--device", "gpu").start(wait_ready=False) as rt:
-        def answered() -> tuple[int, dict] | None:
-            try:
-                c = rt.client()
-                r = c.json("GET", "/v2/health/ready")
-                c.close()
-                return r
-            except OSError:
-                return None
-
-        status, body = wait_until("an answer", answered, timeout=60)
+        status, body = wait_until("an answer", lambda: readiness(rt), timeout=60)
         assert status == 503 and "CUDAExecutionProvider" in body["reason"]
     with RuntimeProcess(mlp_path[0], "g", "--device", "gpu", "--allow-cpu-fallback") as rt:
         c = rt.client()
@@ -100,16 +102,7 @@ def test_golden_request_gates_readiness(mlp_path: tuple[Path, str], tmp_path: Pa
     with RuntimeProcess(mlp_path[0], "m", "--golden", str(tmp_path / "good.json")) as rt:
         assert rt.ready()
     with RuntimeProcess(mlp_path[0], "m", "--golden", str(tmp_path / "bad.json")).start(wait_ready=False) as rt:
-        def answer() -> tuple[int, dict] | None:
-            try:
-                c = rt.client()
-                r = c.json("GET", "/v2/health/ready")
-                c.close()
-                return r
-            except OSError:
-                return None
-
-        status, body = wait_until("an answer", answer, timeout=60)
+        status, body = wait_until("an answer", lambda: readiness(rt), timeout=60)
         assert status == 503 and "golden request failed" in body["reason"]
 
 
