@@ -16,7 +16,6 @@ import datetime as dt
 import logging
 import os
 import shlex
-import shutil
 import signal
 import socket
 import subprocess
@@ -36,6 +35,8 @@ from .procs import stop_pid
 
 log = logging.getLogger("modelops.local.node")
 
+# Per-container staging directories for bind mounts; empty on the host (the mounts are private).
+STAGE_ROOT = Path("/run/modelops-node")
 RUNTIME_IMAGES = ("ghcr.io/modelops/runtime", "ghcr.io/modelops/runtime-gpu", "modelops/runtime", "modelops/runtime-gpu")
 OPERATOR_IMAGES = ("ghcr.io/modelops/operator", "modelops/operator")
 
@@ -305,22 +306,41 @@ class PodRunner(threading.Thread):
         return None
 
     def _mount_script(self, c: ContainerProc) -> str:
+        """Shell steps run in the container's private mount namespace before its program.
+
+        Every source is first bind-mounted into a per-container staging directory, then from there to
+        its target: a target that covers the place sources live (an emptyDir at /tmp while the node's
+        pod directories, or this very checkout, are under /tmp) then hides nothing that is still
+        needed. The programs the image map names (the Python environment, and the checkout of an
+        editable install) are re-exposed at their own paths if a target covered them.
+        """
+        q = shlex.quote
+        stage = self.node.stage_dir(f"{self.uid[:8]}-{c.name}")
         lines = []
         mounts = []
-        for m in c.spec.get("volumeMounts") or []:
+        for i, m in enumerate(c.spec.get("volumeMounts") or []):
             src = self.volumes.get(m["name"])
             if src is None:
                 continue
-            mounts.append((src / m["subPath"] if m.get("subPath") else src, Path(m["mountPath"]), m))
-        # A mount over a directory that holds other volumes' sources (an emptyDir at /tmp while the
-        # node's pod directories live under /tmp) must come last, or it hides those sources.
-        sources = [src for src, _, _ in mounts]
-        mounts.sort(key=lambda x: any(s.is_relative_to(x[1]) for s in sources))
-        for src, target, m in mounts:
-            self.node.ensure_mount_point(target, src.is_dir())
-            lines.append(f"mount --bind {shlex.quote(str(src))} {shlex.quote(str(target))}")
+            src = src / m["subPath"] if m.get("subPath") else src
+            staged = stage / f"v{i}"
+            if src.is_dir():
+                staged.mkdir(exist_ok=True)
+            else:
+                staged.touch()
+            lines.append(f"mount --bind {q(str(src))} {q(str(staged))}")
+            mounts.append((staged, Path(m["mountPath"]), m, src.is_dir()))
+        needed = [p for p in self.node.program_paths if any(p.is_relative_to(t) for _, t, _, _ in mounts)]
+        for j, p in enumerate(needed):
+            (stage / f"p{j}").mkdir(exist_ok=True)
+            lines.append(f"mount --bind {q(str(p))} {q(str(stage / f'p{j}'))}")
+        for staged, target, m, is_dir in mounts:
+            self.node.ensure_mount_point(target, is_dir)
+            lines.append(f"mount --bind {q(str(staged))} {q(str(target))}")
             if m.get("readOnly"):
-                lines.append(f"mount -o remount,bind,ro {shlex.quote(str(target))}")
+                lines.append(f"mount -o remount,bind,ro {q(str(target))}")
+        for j, p in enumerate(needed):
+            lines.append(f"mkdir -p {q(str(p))} && mount --bind {q(str(stage / f'p{j}'))} {q(str(p))}")
         lines.append('exec "$@"')
         return " && ".join(lines)
 
@@ -731,6 +751,20 @@ class ProcessNode:
         with self.lock:
             self.runners.pop(uid, None)
 
+    @property
+    def program_paths(self) -> list[Path]:
+        """Host paths the mapped programs run from: the Python environment and, for an editable install,
+        the checkout holding the packages."""
+        import modelops_local
+
+        paths = [Path(sys.prefix).resolve(), Path(modelops_local.__file__).resolve().parents[2]]
+        return sorted(set(paths))
+
+    def stage_dir(self, name: str) -> Path:
+        d = STAGE_ROOT / self.network.id / name
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
     def ensure_mount_point(self, target: Path, directory: bool) -> None:
         with self.lock:
             if target.exists():
@@ -774,4 +808,11 @@ class ProcessNode:
                     p.rmdir()
                 elif p.is_file() and p.stat().st_size == 0:
                     p.unlink()
-        shutil.rmtree(self.workdir / "mounts", ignore_errors=True)
+        # Only empty directories are removed: the staging mounts lived in private mount namespaces.
+        stage = STAGE_ROOT / self.network.id
+        for d in sorted(stage.glob("**/*"), key=lambda x: len(x.parts), reverse=True):
+            with contextlib.suppress(OSError):
+                d.rmdir() if d.is_dir() else (d.unlink() if d.stat().st_size == 0 else None)
+        for d in (stage, STAGE_ROOT):
+            with contextlib.suppress(OSError):
+                d.rmdir()
