@@ -215,23 +215,27 @@ def assess(checks: dict[str, Any], canary: Window, stable: Window, min_samples: 
     if "latency" in checks:
         lat = checks["latency"]
         q = float(lat.get("quantile", 0.99))
-        n = total(canary.recent, "modelops_request_duration_seconds_count")
+        # Since the rollout started, for both revisions (the same window): a high quantile of a few
+        # seconds of traffic is just its slowest request. And at least 1/(1-q) samples, so the quantile
+        # is not the maximum.
+        need = max(min_samples, math.ceil(1 / (1 - q)))
+        n = total(canary.since_start, "modelops_request_duration_seconds_count")
         th_parts = []
         if "maxSeconds" in lat:
             th_parts.append(f"max {lat['maxSeconds']:g}s")
         if "maxRatio" in lat:
             th_parts.append(f"max {lat['maxRatio']:g}x stable")
         th = f"p{q * 100:g} " + " and ".join(th_parts)
-        s_n = total(stable.recent, "modelops_request_duration_seconds_count")
-        if n < min_samples or ("maxRatio" in lat and s_n < min_samples):
-            out.append(_no_data("latency", th, min(n, s_n) if "maxRatio" in lat else n, min_samples, on_no_data))
+        s_n = total(stable.since_start, "modelops_request_duration_seconds_count")
+        if n < need or ("maxRatio" in lat and s_n < need):
+            out.append(_no_data("latency", th, min(n, s_n) if "maxRatio" in lat else n, need, on_no_data))
         else:
-            cq = histogram_quantile(q, canary.recent, "modelops_request_duration_seconds") or 0.0
+            cq = histogram_quantile(q, canary.since_start, "modelops_request_duration_seconds") or 0.0
             ok = "maxSeconds" not in lat or cq <= float(lat["maxSeconds"])
             detail = f"p{q * 100:g} {cq * 1000:.2f}ms"
             value = cq
             if "maxRatio" in lat:
-                sq = histogram_quantile(q, stable.recent, "modelops_request_duration_seconds") or 0.0
+                sq = histogram_quantile(q, stable.since_start, "modelops_request_duration_seconds") or 0.0
                 value = cq / sq if sq > 0 else (1.0 if cq == 0 else math.inf)
                 ok = ok and value <= float(lat["maxRatio"])
                 detail += f", {value:.2f}x stable's {sq * 1000:.2f}ms"
