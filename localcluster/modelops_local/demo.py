@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     import helm_python as helm
-    from modelops_runtime import toymodels
+    import modelops_runtime.toymodels as toymodels
 
     from .cluster import shutdown, spawn
     from .files import file_server
