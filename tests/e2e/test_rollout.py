@@ -260,3 +260,28 @@ def test_prometheus_provider_measures_what_the_pods_provider_measures(
     assert n > 50
     w = prometheus_window(prometheus, ns, "fraud", "no-such-revision", 10, 10)
     assert w.recent == {}  # no data is an empty window, not an error
+
+
+def test_with_default_settings_a_bad_version_is_back_to_zero_within_60_seconds(
+        cluster: dict[str, Any], kube: Any, operator: Any, ns: str, models: dict[str, dict[str, str]],
+        services: Any) -> None:
+    def spec(model: str, version: str) -> dict[str, Any]:
+        # Only what a user must say: the model and which checks matter. Steps, interval, minSamples,
+        # failureLimit and onNoData are the defaults.
+        return {"apiVersion": "modelops.dev/v1alpha1", "kind": "ModelDeployment", "metadata": {"name": "fraud"},
+                "spec": {"model": {"name": "fraud", "version": version, "uri": models[model]["uri"],
+                                   "sha256": models[model]["sha256"]}, "replicas": 2,
+                         "rollout": {"analysis": {"checks": {"errorRate": {"max": 0.01},
+                                                             "latency": {"maxRatio": 2}}}}}}
+
+    apply(cluster, ns, spec("v1", "1"))
+    wait_until("v1 Ready", lambda: phase_is(kube, ns, "Ready"), timeout=120)
+    url = wait_until("the Service proxy", lambda: services(f"{ns}/fraud"))
+    with Load(url):
+        apply(cluster, ns, spec("errors", "2"))
+        wait_until("RolledBack", lambda: phase_is(kube, ns, "RolledBack"), timeout=120)
+        wait_until("the canary at zero pods", lambda: "rollbackSeconds" in md(kube, ns)["status"]["history"][-1],
+                   timeout=60)
+    last = md(kube, ns)["status"]["history"][-1]
+    assert "errorRate" in last["message"]
+    assert last["detectSeconds"] + last["rollbackSeconds"] <= 60, last
