@@ -49,6 +49,13 @@ def kubectl(cluster: dict[str, Any], *args: str, stdin: str | None = None) -> su
                           capture_output=True, text=True, timeout=60)
 
 
+def modelops(cluster: dict[str, Any], *args: str) -> subprocess.CompletedProcess[str]:
+    import sys
+
+    return subprocess.run([str(Path(sys.executable).parent / "modelops"), "--kubeconfig", cluster["kubeconfig"],
+                           *args], capture_output=True, text=True, timeout=60)
+
+
 def apply(cluster: dict[str, Any], ns: str, doc: dict[str, Any]) -> None:
     res = kubectl(cluster, "apply", "-n", ns, "-f", "-", stdin=yaml.safe_dump(doc))
     assert res.returncode == 0, res.stderr
@@ -109,6 +116,13 @@ def test_example_becomes_ready_and_serves_through_the_service(cluster: dict[str,
     assert pod.metadata.annotations["prometheus.io/scrape"] == "true"
     events = client.CoreV1Api(kube).list_namespaced_event(ns, field_selector="involvedObject.name=fraud").items
     assert {"Created", "Ready"} <= {e.reason for e in events}
+    # The CLI tells the same story, and refuses what makes no sense with a message, not a traceback
+    out = modelops(cluster, "status", "fraud", "-n", ns)
+    assert out.returncode == 0 and "Phase:     Ready" in out.stdout and "model version 1" in out.stdout
+    bad = modelops(cluster, "promote", "fraud", "-n", ns)
+    assert bad.returncode == 1 and "no rollout in progress" in bad.stderr and "Traceback" not in bad.stderr
+    missing = modelops(cluster, "status", "nope", "-n", ns)
+    assert missing.returncode != 0 and "not found" in missing.stderr
 
 
 def test_scaling_changes_replicas_without_a_new_revision(cluster: dict[str, Any], kube: Any, operator: Any, ns: str,
