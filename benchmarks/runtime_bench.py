@@ -139,6 +139,15 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="only the MLP, JSON, concurrency 1 and 16")
     args = ap.parse_args()
     d = Path(tempfile.mkdtemp(prefix="modelops-bench-"))
+    try:
+        run(args, d)
+    finally:
+        import shutil
+
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, d: Path) -> None:
     models = {"mlp": d / "mlp.onnx", "heavy": d / "heavy.onnx"}
     toymodels.save(toymodels.mlp(), models["mlp"])
     toymodels.save(toymodels.heavy(width=2048, depth=4), models["heavy"])
@@ -189,9 +198,6 @@ def main() -> None:
               f"{ratio:.2f}x ({'PASS' if ratio >= 2.5 else 'FAIL'} >= 2.5x); p99 {on['p99']:.1f} ms "
               f"({'PASS' if on['p99'] <= bound else 'FAIL'} <= maxDelay 2 ms + 2 x {batch_ms:.1f} ms batch = "
               f"{bound:.1f} ms)")
-    import shutil
-
-    shutil.rmtree(d, ignore_errors=True)
 
 
 if __name__ == "__main__":

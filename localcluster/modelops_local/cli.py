@@ -52,7 +52,7 @@ def cmd_up(_: argparse.Namespace) -> int:
         print("Removed the state of a local cluster that is no longer running.", file=sys.stderr)
     workdir = Path(tempfile.mkdtemp(prefix="modelops-local-"))
     try:
-        proc, state = spawn(workdir)
+        proc, state = spawn(workdir, detach=True)
     except LocalClusterError:
         shutil.rmtree(workdir, ignore_errors=True)
         raise

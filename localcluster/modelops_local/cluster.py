@@ -29,7 +29,7 @@ class LocalCluster:
         self.dir = workdir
         self.state_file = workdir / "state.json"
 
-    def run(self) -> int:
+    def run(self, watch_parent: bool = False) -> int:
         from kubernetes import config
 
         from .controlplane import ControlPlane
@@ -61,7 +61,11 @@ class LocalCluster:
                         server=cp.server, host_ip=net.host_ip, nodes=[n.name for n in node.nodes],
                         pod_subnet=str(net.subnet))
             log.info("Started local cluster: KUBECONFIG=%s", cp.kubeconfig)
-            stop.wait()
+            parent = os.getppid()
+            while not stop.wait(1.0):
+                if watch_parent and os.getppid() != parent:
+                    log.info("The process that started the cluster is gone")
+                    break
             return 0
         except LocalClusterError as e:
             self._write(pid=os.getpid(), ready=False, error=str(e))
@@ -89,13 +93,15 @@ class LocalCluster:
             return {}
 
 
-def spawn(workdir: Path, timeout: float = 90) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
-    """Starts the cluster process in its own session and waits until it is ready."""
+def spawn(workdir: Path, timeout: float = 90, detach: bool = False) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
+    """Starts the cluster process in its own session and waits until it is ready. Unless `detach`
+    (`modelops local up`), the cluster stops by itself when the calling process dies."""
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / "cluster.log"
     out = open(log_path, "ab")  # noqa: SIM115 - handed to the child
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "modelops_local.cluster", "--dir", str(workdir)],
+        args = [sys.executable, "-m", "modelops_local.cluster", "--dir", str(workdir)]
+        proc = subprocess.Popen(args + ([] if detach else ["--watch-parent"]),
                                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
     finally:
@@ -125,10 +131,11 @@ def shutdown(pid: int, state: dict[str, Any], grace: float = 60) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(prog="python -m modelops_local.cluster")
     p.add_argument("--dir", required=True, type=Path)
+    p.add_argument("--watch-parent", action="store_true", help="stop when the starting process dies")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     with contextlib.suppress(KeyboardInterrupt):
-        return LocalCluster(args.dir).run()
+        return LocalCluster(args.dir).run(watch_parent=args.watch_parent)
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -193,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m modelops_local.demo", description=__doc__)
     p.add_argument("--svg", type=Path, default=None, help="write the canary-weight timeline as an SVG chart")
     args = p.parse_args(argv)
+    # SIGTERM cleans up like Ctrl-C does (the finally below), instead of leaving the cluster running.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     import helm_python as helm
     import modelops_runtime.toymodels as toymodels

@@ -223,3 +223,20 @@ def test_local_up_replaces_stale_state(tmp_path: Path) -> None:
                          text=True, env=env, timeout=60)
     assert "no longer running" in res.stderr
     assert not stale_dir.exists()
+
+
+def test_a_cluster_started_by_a_process_that_dies_stops_by_itself(tmp_path: Path) -> None:
+    # Given a process that starts a cluster (as the demo and the test fixture do) and is then killed -9
+    script = ("import sys, time; from pathlib import Path; from modelops_local.cluster import spawn; "
+              f"p, s = spawn(Path({str(tmp_path / 'c')!r})); print(p.pid, flush=True); time.sleep(600)")
+    starter = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert starter.stdout is not None
+        cluster_pid = int(starter.stdout.readline())
+        assert os.path.exists(f"/proc/{cluster_pid}")
+    finally:
+        starter.kill()
+        starter.wait()
+    # Then the cluster and everything it started go away, with no process left
+    wait_until("the cluster to stop", lambda: not any(str(tmp_path) in line for line in subprocess.run(
+        ["ps", "-eo", "args="], capture_output=True, text=True).stdout.splitlines()), timeout=60)
