@@ -183,6 +183,11 @@ def decide(md: dict[str, Any], observed: Observed, now: str, apis: Apis = Apis()
     desired = spec["autoscaling"]["minReplicas"] if autoscaled else spec["replicas"]
     if autoscaled and stable_dep is not None and stable == (status.get("stable") or {}).get("revision"):
         desired = int((stable_dep.get("spec") or {}).get("replicas") or desired)
+    canary_active = candidate is not None and strategy == "Canary" and not blocked
+    if autoscaled and canary_active and status.get("rollout"):
+        # Autoscaling pauses during a canary (its HPA is removed below): the split works on the size the
+        # stable revision had when the canary started, and the HPA comes back when the rollout ends.
+        desired = int(status["rollout"].get("desiredReplicas") or desired)
 
     target_dep_name = b.deployment_name(name, target)
     target_dep = observed.deployments.get(target_dep_name)
@@ -201,7 +206,7 @@ def decide(md: dict[str, Any], observed: Observed, now: str, apis: Apis = Apis()
             hist[-1]["rollbackSeconds"] = seconds_between(status["failed"]["at"], now)
     elif strategy == "Canary":
         if status.get("rollout") is None:
-            start(status, candidate, version, now)
+            start(status, candidate, version, now, desired)
             actions.append(Event("Normal", "RolloutStarted", f"Started canary of revision {candidate} "
                                                              f"(model version {version})"))
         ro = status["rollout"]
@@ -251,7 +256,7 @@ def decide(md: dict[str, Any], observed: Observed, now: str, apis: Apis = Apis()
         stable, stable_dep, candidate = target, target_dep, None
     live = {stable} | ({candidate} if candidate else set())
 
-    if autoscaled:
+    if autoscaled and not (canary_active and candidate):
         _need(b.hpa(md, spec, stable, apis.hpa), observed.hpa, actions)
     elif observed.hpa is not None:
         actions.append(Delete(observed.hpa["apiVersion"], "HorizontalPodAutoscaler", observed.hpa["metadata"]["name"]))

@@ -96,8 +96,10 @@ def mark_handled(status: dict[str, Any], annotations: dict[str, str], what: str)
     status.setdefault("handled", {})[what] = annotations[ANNOTATIONS[what]]
 
 
-def start(status: dict[str, Any], revision: str, version: str, now: str) -> None:
+def start(status: dict[str, Any], revision: str, version: str, now: str, desired: int) -> None:
+    """`desired` is the total size the split works on; with autoscaling it is frozen for the rollout."""
     status["rollout"] = {"revision": revision, "modelVersion": version, "step": 0, "stepStartedAt": now,
+                         "desiredReplicas": desired,
                          "startedAt": now, "trafficSince": None, "promoting": False,
                          "analysis": {"consecutiveFailures": 0, "verdict": None, "lastMeasuredAt": None,
                                       "inconclusiveSince": None, "measurements": []}}

@@ -201,6 +201,24 @@ def test_gpu_pods_request_gpus_land_on_the_gpu_node_and_fall_back_to_cpu(
     assert pod.spec.containers[0].image.startswith("ghcr.io/modelops/runtime-gpu")
 
 
+def test_autoscaling_creates_an_hpa_with_the_api_version_the_cluster_serves(
+        cluster: dict[str, Any], kube: Any, operator: Any, ns: str, served_model: dict[str, str]) -> None:
+    doc = example(served_model, autoscaling={"minReplicas": 1, "maxReplicas": 3, "targetCPUUtilizationPercentage": 60})
+    doc["spec"].pop("replicas")
+    apply(cluster, ns, doc)
+    obj = wait_until("phase Ready", lambda: phase_is(kube, ns, "Ready"), timeout=120)
+    out = kubectl(cluster, "get", "hpa", "fraud", "-n", ns, "-o", "yaml")
+    hpa = yaml.safe_load(out.stdout)
+    assert hpa["apiVersion"].startswith("autoscaling/")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == obj["status"]["stable"]["deployment"]
+    assert hpa["spec"]["minReplicas"] == 1 and hpa["spec"]["maxReplicas"] == 3
+    # Removing autoscaling removes the HPA and goes back to spec.replicas
+    apply(cluster, ns, example(served_model, replicas=2))
+    wait_until("the HPA gone", lambda: not kubectl(cluster, "get", "hpa", "-n", ns, "-o", "name").stdout.strip())
+    wait_until("2 ready replicas", lambda: (md(kube, ns)["status"].get("replicas") or {}).get("ready") == 2,
+               timeout=120)
+
+
 def test_load_time_optimization_is_applied_and_shown(cluster: dict[str, Any], kube: Any, operator: Any, ns: str,
                                                     served_model: dict[str, str]) -> None:
     doc = example(served_model, replicas=1)

@@ -280,3 +280,42 @@ def test_input_drift_reads_the_monitored_feature_histograms() -> None:
     assert assess(checks, Window(same, same), Window(stable, stable), 20, "pause")[0] == PASS
     verdict, ms = assess(checks, Window(shifted, shifted), Window(stable, stable), 20, "pause")
     assert verdict == FAIL and "x:0" in ms[0].message
+
+
+def test_autoscaling_pauses_during_a_canary_and_resumes_on_the_new_stable() -> None:
+    base = {**BASE, "autoscaling": {"minReplicas": 2, "maxReplicas": 8}}
+    del base["replicas"]
+    v2 = {**base, "model": {**BASE["model"], "version": "2", "sha256": "b" * 64}}
+    c = Cluster(base)
+    hpas: list[dict[str, Any]] = []
+
+    def step(t: float, analysis: Any = None) -> None:
+        for a in c.step(t, analysis):
+            if hasattr(a, "manifest") and a.manifest["kind"] == "HorizontalPodAutoscaler":
+                hpas[:] = [a.manifest]
+            elif isinstance(a, Delete) and a.kind == "HorizontalPodAutoscaler":
+                hpas.clear()
+
+    step(0)
+    step(1)
+    assert hpas and hpas[0]["spec"]["scaleTargetRef"]["name"] == f"m-{rev(base)}"
+    c.deps[f"m-{rev(base)}"]["spec"]["replicas"] = 6  # the HPA scaled the stable revision up
+    c.deps[f"m-{rev(base)}"]["status"]["readyReplicas"] = 6
+    c.apply(v2)
+    obs_hpa = copy.deepcopy(hpas[0])
+    # The HPA is observed while the canary starts: it is removed, and the split works on 6 pods.
+    status, actions = decide(c.md, Observed(deployments=copy.deepcopy(c.deps), hpa={**obs_hpa, "metadata": {
+        **obs_hpa["metadata"], "resourceVersion": "1"}}), at(2))
+    assert any(isinstance(a, Delete) and a.kind == "HorizontalPodAutoscaler" for a in actions)
+    assert status["rollout"]["desiredReplicas"] == 6
+    hpas.clear()
+    for t in range(2, 30):
+        step(t, (PASS, []))
+        if c.md["status"].get("phase") == "Paused":
+            c.md["metadata"]["annotations"]["modelops.dev/promote"] = "go"
+        if c.md["status"]["stable"]["modelVersion"] == "2":
+            break
+        assert sum(c.replicas().values()) >= 6  # never below the size the HPA had chosen
+    step(31)
+    assert c.md["status"]["stable"]["modelVersion"] == "2"
+    assert hpas and hpas[0]["spec"]["scaleTargetRef"]["name"] == f"m-{rev(v2)}"
