@@ -146,8 +146,9 @@ def scenario(demo: Demo, uri: Any, digests: dict[str, str], services: Path) -> A
     demo.mark("v3 rolled back")
     h = obj["status"]["history"][-1]
     print(f"\nRolled back version 3: {h['message']}")
-    print(f"Time to detect: {h['detectSeconds']:.0f}s after the canary got traffic; "
-          f"back to 0% in {h['rollbackSeconds']:.0f}s more. Version {obj['status']['stable']['modelVersion']} "
+    back = "within the same second" if h["rollbackSeconds"] < 1 else f"{h['rollbackSeconds']:.0f}s later"
+    print(f"Time to detect: {h['detectSeconds']:.0f}s after the canary got traffic; back to 0% {back} "
+          f"(status timestamps have 1 s resolution). Version {obj['status']['stable']['modelVersion']} "
           "kept serving throughout.")
     time.sleep(2)
     load.stop()
