@@ -22,6 +22,7 @@ kubernetes:
 lint: deps
 	$(BIN)/ruff check .
 	$(BIN)/mypy $(PKGS)
+	$(BIN)/lint-imports
 
 unit: deps
 	$(BIN)/pytest tests/unit tests/component

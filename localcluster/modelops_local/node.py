@@ -812,7 +812,10 @@ class ProcessNode:
         stage = STAGE_ROOT / self.network.id
         for d in sorted(stage.glob("**/*"), key=lambda x: len(x.parts), reverse=True):
             with contextlib.suppress(OSError):
-                d.rmdir() if d.is_dir() else (d.unlink() if d.stat().st_size == 0 else None)
+                if d.is_dir():
+                    d.rmdir()
+                elif d.stat().st_size == 0:
+                    d.unlink()
         for d in (stage, STAGE_ROOT):
             with contextlib.suppress(OSError):
                 d.rmdir()

@@ -94,13 +94,13 @@ def _ready(dep: dict[str, Any] | None) -> int:
     return int(((dep or {}).get("status") or {}).get("readyReplicas") or 0)
 
 
-def _applied_hash(obj: dict[str, Any] | None) -> str | None:
+def applied_hash(obj: dict[str, Any] | None) -> str | None:
     return ((obj or {}).get("metadata", {}).get("annotations") or {}).get(ANNOTATION_HASH)
 
 
 def _need(desired: dict[str, Any], existing: dict[str, Any] | None, actions: list[Action]) -> None:
     """Applies `desired` unless the child already carries its hash (and, for Deployments, its replicas)."""
-    if existing is None or _applied_hash(existing) != _applied_hash(desired):
+    if existing is None or applied_hash(existing) != applied_hash(desired):
         actions.append(Apply(desired, existing))
     elif "replicas" in desired.get("spec", {}) and existing.get("spec", {}).get("replicas") != desired["spec"]["replicas"]:
         actions.append(Scale(desired["metadata"]["name"], desired["spec"]["replicas"]))

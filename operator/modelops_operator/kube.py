@@ -19,7 +19,7 @@ from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
 from . import GROUP, KIND, LABEL_MD, PLURAL, VERSION
-from .decisions import Apis, Apply, Delete, Event, Scale
+from .decisions import Apis, Apply, Delete, Event, Scale, applied_hash
 
 log = logging.getLogger("modelops.operator")
 
@@ -134,9 +134,7 @@ class Kube:
                         raise
                     # Created by an earlier pass whose watch event has not arrived yet.
                     action.existing = self.request("GET", path_for(m["apiVersion"], kind, ns, name))
-                    from .decisions import _applied_hash
-
-                    if _applied_hash(action.existing) == _applied_hash(m):
+                    if applied_hash(action.existing) == applied_hash(m):
                         return
             body = json.loads(json.dumps(m))
             old = action.existing
