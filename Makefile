@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PKGS   := runtime/modelops_runtime operator/modelops_operator localcluster/modelops_local
 
-.PHONY: test lint unit e2e demo deps kubernetes cluster-up cluster-down bench clean
+.PHONY: test lint unit demo deps kubernetes cluster-up cluster-down bench bench-operator clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,9 @@ demo: deps kubernetes
 
 bench: deps
 	bash benchmarks/runtime_bench.sh
+
+bench-operator: deps kubernetes
+	$(BIN)/python benchmarks/operator_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
