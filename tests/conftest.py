@@ -222,3 +222,17 @@ def prometheus(cluster: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """tmp_path directories are removed (tmp_path_retention_policy); remove the emptied base too."""
+    import contextlib
+
+    factory = getattr(config, "_tmp_path_factory", None)
+    if factory is None:
+        return
+    with contextlib.suppress(Exception):
+        base = factory.getbasetemp()
+        for d in (base, base.parent):
+            with contextlib.suppress(OSError):
+                d.rmdir()
