@@ -231,8 +231,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     factory = getattr(config, "_tmp_path_factory", None)
     if factory is None:
         return
-    with contextlib.suppress(Exception):
-        base = factory.getbasetemp()
-        for d in (base, base.parent):
-            with contextlib.suppress(OSError):
-                d.rmdir()
+    base = getattr(factory, "_basetemp", None)  # None when no test asked for a temp dir
+    if base is None:
+        return
+    for d in (base, base.parent):
+        with contextlib.suppress(OSError):
+            d.rmdir()
