@@ -43,6 +43,20 @@ def kube(cluster: dict[str, Any]) -> Any:
     return config.new_client_from_config(cluster["kubeconfig"])
 
 
+@pytest.fixture()
+def ns(kube: Any) -> Iterator[str]:
+    """A fresh namespace per test, deleted afterwards (its objects go with it)."""
+    import uuid
+
+    from kubernetes import client
+
+    core = client.CoreV1Api(kube)
+    name = f"e2e-{uuid.uuid4().hex[:8]}"
+    core.create_namespace({"metadata": {"name": name}})
+    yield name
+    core.delete_namespace(name)
+
+
 @pytest.fixture(scope="session")
 def services(cluster: dict[str, Any]) -> Any:
     """Returns a function NAMESPACE/SERVICE -> host URL through the local service proxy."""

@@ -109,10 +109,9 @@ class Controller:
         return Observed(deployments=by_name, configmaps=cms, service=svc, hpa=hpa, pdb=pdb,
                         pods=c.of("Pod", key), execution_providers=providers, optimizations=applied)
 
-    async def _learn_provider(self, key: Key, md: dict[str, Any], observed: Observed, revision: str) -> None:
+    async def _learn_provider(self, key: Key, spec: dict[str, Any], observed: Observed, revision: str) -> None:
         if revision in observed.execution_providers:
             return
-        spec = with_defaults(md.get("spec") or {})
         for pod in observed.pods:
             labels = pod["metadata"].get("labels") or {}
             ready = any(cd.get("type") == "Ready" and cd.get("status") == "True"
@@ -190,12 +189,12 @@ class Controller:
         if md is None or md["metadata"].get("deletionTimestamp"):
             return  # garbage collection removes the children with their owner
         observed = self.observe(key, md)
-        stable = ((md.get("status") or {}).get("stable") or {}).get("revision")
-        if stable:
-            await self._learn_provider(key, md, observed, stable)
-        t = now()
         status0 = md.get("status") or {}
         spec = with_defaults(md.get("spec") or {})
+        stable = (status0.get("stable") or {}).get("revision")
+        if stable:
+            await self._learn_provider(key, spec, observed, stable)
+        t = now()
         if measure_due(status0, spec, t):
             if (analysis_cfg(spec).get("provider") or {}).get("type", "pods") == "prometheus":
                 observed.analysis = await self._measure_prometheus(key, md, spec)

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -43,15 +42,6 @@ def runtime_deployment(name: str, model_url: str, replicas: int = 2, gpu: bool =
                      "template": {"metadata": {"labels": {"app": name}}, "spec": spec}}}
 
 
-@pytest.fixture()
-def namespace(kube: Any) -> Any:
-    core = client.CoreV1Api(kube)
-    name = f"t-{uuid.uuid4().hex[:8]}"
-    core.create_namespace({"metadata": {"name": name}})
-    yield name
-    core.delete_namespace(name)
-
-
 @pytest.fixture(scope="module")
 def model_url(cluster: dict[str, Any], model_dir: Path, model_server: int) -> str:
     toymodels.save(toymodels.mlp(), model_dir / "mlp.onnx")
@@ -69,13 +59,13 @@ def pid_of(pod: Any) -> int:
     return int(pod.status.container_statuses[0].container_id.removeprefix("process://"))
 
 
-def test_runtime_deployment_serves_on_pod_ips_and_replaces_deleted_pods(kube: Any, namespace: str,
+def test_runtime_deployment_serves_on_pod_ips_and_replaces_deleted_pods(kube: Any, ns: str,
                                                                         model_url: str) -> None:
     apps, core = client.AppsV1Api(kube), client.CoreV1Api(kube)
     # Given a Deployment of the runtime image with 2 replicas
-    apps.create_namespaced_deployment(namespace, runtime_deployment("mlp", model_url))
+    apps.create_namespaced_deployment(ns, runtime_deployment("mlp", model_url))
     # Then it becomes 2/2 Ready, with real processes answering on their pod IPs
-    pods = wait_until("2 ready pods", lambda: ready_pods(core, namespace, "mlp", 2), timeout=90)
+    pods = wait_until("2 ready pods", lambda: ready_pods(core, ns, "mlp", 2), timeout=90)
     assert len({p.status.pod_ip for p in pods}) == 2
     for p in pods:
         c = Http(p.status.pod_ip, 8080)
@@ -84,30 +74,30 @@ def test_runtime_deployment_serves_on_pod_ips_and_replaces_deleted_pods(kube: An
         assert status == 200 and out["outputs"][0]["shape"] == [1, 10]
         assert Path(f"/proc/{pid_of(p)}").exists()
     wait_until("the Deployment to report 2 available",
-               lambda: apps.read_namespaced_deployment(namespace=namespace, name="mlp").status.available_replicas == 2)
+               lambda: apps.read_namespaced_deployment(namespace=ns, name="mlp").status.available_replicas == 2)
 
     # When a pod is deleted
     victim = pods[0]
     old_pid = pid_of(victim)
-    core.delete_namespaced_pod(victim.metadata.name, namespace)
+    core.delete_namespaced_pod(victim.metadata.name, ns)
     # Then its process exits and the ReplicaSet replaces it with a new ready pod
     wait_until("the old process to exit", lambda: not os.path.exists(f"/proc/{old_pid}"), timeout=30)
-    new = wait_until("2 ready pods again", lambda: ready_pods(core, namespace, "mlp", 2), timeout=90)
+    new = wait_until("2 ready pods again", lambda: ready_pods(core, ns, "mlp", 2), timeout=90)
     assert victim.metadata.name not in {p.metadata.name for p in new}
 
 
-def test_service_proxy_spreads_connections_over_ready_pods(kube: Any, namespace: str, model_url: str,
+def test_service_proxy_spreads_connections_over_ready_pods(kube: Any, ns: str, model_url: str,
                                                             services: Any) -> None:
     apps, core = client.AppsV1Api(kube), client.CoreV1Api(kube)
-    apps.create_namespaced_deployment(namespace, runtime_deployment("mlp", model_url))
-    core.create_namespaced_service(namespace, {"metadata": {"name": "mlp"}, "spec": {
+    apps.create_namespaced_deployment(ns, runtime_deployment("mlp", model_url))
+    core.create_namespaced_service(ns, {"metadata": {"name": "mlp"}, "spec": {
         "selector": {"app": "mlp"}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}})
-    pods = wait_until("2 ready pods", lambda: ready_pods(core, namespace, "mlp", 2), timeout=90)
-    url = wait_until("the Service's proxy address", lambda: services(f"{namespace}/mlp"))
+    pods = wait_until("2 ready pods", lambda: ready_pods(core, ns, "mlp", 2), timeout=90)
+    url = wait_until("the Service's proxy address", lambda: services(f"{ns}/mlp"))
     host, port = url.removeprefix("http://").split(":")
 
     def endpoints_ready() -> bool:
-        ep = core.read_namespaced_endpoints("mlp", namespace)
+        ep = core.read_namespaced_endpoints("mlp", ns)
         return sum(len(s.addresses or []) for s in ep.subsets or []) == 2
 
     wait_until("2 endpoints", endpoints_ready)
@@ -127,36 +117,36 @@ def test_service_proxy_spreads_connections_over_ready_pods(kube: Any, namespace:
     assert sum(counts) >= 20 and all(n >= 5 for n in counts), counts
 
 
-def test_gpu_pods_land_only_on_the_gpu_node(kube: Any, namespace: str, model_url: str) -> None:
+def test_gpu_pods_land_only_on_the_gpu_node(kube: Any, ns: str, model_url: str) -> None:
     apps, core = client.AppsV1Api(kube), client.CoreV1Api(kube)
-    apps.create_namespaced_deployment(namespace, runtime_deployment("gpu", model_url, replicas=2, gpu=True))
-    apps.create_namespaced_deployment(namespace, runtime_deployment("cpu", model_url, replicas=1))
-    gpu_pods = wait_until("2 ready GPU pods", lambda: ready_pods(core, namespace, "gpu", 2), timeout=90)
-    cpu_pods = wait_until("1 ready CPU pod", lambda: ready_pods(core, namespace, "cpu", 1), timeout=90)
+    apps.create_namespaced_deployment(ns, runtime_deployment("gpu", model_url, replicas=2, gpu=True))
+    apps.create_namespaced_deployment(ns, runtime_deployment("cpu", model_url, replicas=1))
+    gpu_pods = wait_until("2 ready GPU pods", lambda: ready_pods(core, ns, "gpu", 2), timeout=90)
+    cpu_pods = wait_until("1 ready CPU pod", lambda: ready_pods(core, ns, "cpu", 1), timeout=90)
     assert {p.spec.node_name for p in gpu_pods} == {"local-gpu"}
     assert {p.spec.node_name for p in cpu_pods} == {"local-cpu"}  # the GPU taint keeps others away
 
 
-def test_unknown_image_fails_the_pod_with_a_clear_reason(kube: Any, namespace: str) -> None:
+def test_unknown_image_fails_the_pod_with_a_clear_reason(kube: Any, ns: str) -> None:
     core = client.CoreV1Api(kube)
-    core.create_namespaced_pod(namespace, {"metadata": {"name": "unknown"}, "spec": {
+    core.create_namespaced_pod(ns, {"metadata": {"name": "unknown"}, "spec": {
         "containers": [{"name": "c", "image": "example.com/not-mapped:1"}], "automountServiceAccountToken": False}})
 
     def waiting_reason() -> Any:
-        st = core.read_namespaced_pod("unknown", namespace).status.container_statuses
+        st = core.read_namespaced_pod("unknown", ns).status.container_statuses
         return st and st[0].state.waiting and st[0].state.waiting.reason == "ErrImagePull" and st[0].state.waiting
 
     waiting = wait_until("the pod to report ErrImagePull", waiting_reason)
     assert "not in the process node's image map" in waiting.message
 
 
-def test_rbac_is_enforced_for_a_service_account_without_rights(kube: Any, namespace: str,
+def test_rbac_is_enforced_for_a_service_account_without_rights(kube: Any, ns: str,
                                                                 cluster: dict[str, Any]) -> None:
     core = client.CoreV1Api(kube)
-    core.create_namespaced_service_account(namespace, {"metadata": {"name": "nobody"}})
+    core.create_namespaced_service_account(ns, {"metadata": {"name": "nobody"}})
 
     def token() -> str | None:
-        for s in core.list_namespaced_secret(namespace).items:
+        for s in core.list_namespaced_secret(ns).items:
             if s.type == "kubernetes.io/service-account-token" and (s.metadata.annotations or {}).get(
                     "kubernetes.io/service-account.name") == "nobody" and s.data and "token" in s.data:
                 return base64.b64decode(s.data["token"]).decode()
@@ -164,7 +154,7 @@ def test_rbac_is_enforced_for_a_service_account_without_rights(kube: Any, namesp
 
     tok = wait_until("the ServiceAccount's token", token)
     ca = Path(cluster["dir"]) / "pki" / "ca.crt"
-    req = urllib.request.Request(f"{cluster['server']}/api/v1/namespaces/{namespace}/pods",
+    req = urllib.request.Request(f"{cluster['server']}/api/v1/namespaces/{ns}/pods",
                                  headers={"Authorization": f"Bearer {tok}"})
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(req, context=ssl.create_default_context(cafile=str(ca)), timeout=10)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import subprocess
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +24,6 @@ GROUP, VERSION, PLURAL = "modelops.dev", "v1alpha1", "modeldeployments"
 def served_model(cluster: dict[str, Any], model_dir: Path, model_server: int) -> dict[str, str]:
     digest = toymodels.save(toymodels.mlp(), model_dir / "fraud-v1.onnx")
     return {"uri": f"http://{cluster['host_ip']}:{model_server}/fraud-v1.onnx", "sha256": digest}
-
-
-@pytest.fixture()
-def ns(kube: Any) -> Any:
-    core = client.CoreV1Api(kube)
-    name = f"op-{uuid.uuid4().hex[:8]}"
-    core.create_namespace({"metadata": {"name": name}})
-    yield name
-    core.delete_namespace(name)
 
 
 def example(served: dict[str, str], **changes: Any) -> dict[str, Any]:

@@ -7,7 +7,6 @@ pods' own metrics (no Prometheus) and promotes or rolls back.
 from __future__ import annotations
 
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +23,6 @@ from tests.helpers import wait_until
 
 pytestmark = pytest.mark.e2e
 INTERVAL, FAILURE_LIMIT = 2, 2
-
-
-@pytest.fixture()
-def ns(kube: Any) -> Any:
-    core = client.CoreV1Api(kube)
-    name = f"ro-{uuid.uuid4().hex[:8]}"
-    core.create_namespace({"metadata": {"name": name}})
-    yield name
-    core.delete_namespace(name)
 
 
 @pytest.fixture(scope="module")

@@ -142,6 +142,17 @@ class Cluster:
         self.md["metadata"]["generation"] += 1
 
 
+def canary_with_traffic() -> Cluster:
+    """v1 Ready, v2 applied at t=2, its canary pod ready (taking traffic) from t=3."""
+    c = Cluster(BASE)
+    c.step(0)
+    c.step(1)
+    c.apply(V2)
+    c.step(2)
+    c.step(3)
+    return c
+
+
 def rev(spec: dict[str, Any]) -> str:
     return b.revision_hash(with_defaults(spec))
 
@@ -181,12 +192,7 @@ def test_good_canary_walks_every_step_and_becomes_stable() -> None:
 
 
 def test_failures_roll_back_in_order_and_the_revision_is_not_retried() -> None:
-    c = Cluster(BASE)
-    c.step(0)
-    c.step(1)
-    c.apply(V2)
-    c.step(2)
-    c.step(3)
+    c = canary_with_traffic()
     c.step(8, (FAIL, []))
     assert c.md["status"]["rollout"]["analysis"]["consecutiveFailures"] == 1
     actions = c.step(13, (FAIL, []))
@@ -211,12 +217,7 @@ def test_failures_roll_back_in_order_and_the_revision_is_not_retried() -> None:
 
 
 def test_inconclusive_holds_instead_of_rolling_back() -> None:
-    c = Cluster(BASE)
-    c.step(0)
-    c.step(1)
-    c.apply(V2)
-    c.step(2)
-    c.step(3)
+    c = canary_with_traffic()
     for t in range(8, 60, 5):
         c.step(t, (INCONCLUSIVE, []))
     st = c.md["status"]
@@ -226,12 +227,7 @@ def test_inconclusive_holds_instead_of_rolling_back() -> None:
 
 
 def test_a_newer_spec_supersedes_the_rollout() -> None:
-    c = Cluster(BASE)
-    c.step(0)
-    c.step(1)
-    c.apply(V2)
-    c.step(2)
-    c.step(3)
+    c = canary_with_traffic()
     v3 = {**BASE, "model": {**BASE["model"], "version": "3", "sha256": "c" * 64}}
     c.apply(v3)
     c.step(4)
